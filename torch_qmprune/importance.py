@@ -31,10 +31,10 @@ import torch_pruning as tp
 from torch import nn
 
 from .calibration import CalibrationStats
-from . import spectral as _spectral
-from .spectral import pairwise_fubini_study, spectral_states
+from .methods import _greedy_sibling_order, _leave_one_out_shifts, _pairwise
+from .spectral import spectral_states
 
-__all__ = ["SpectralImportance", "CRITERIA", "greedy_merge_costs", "sibling_distance_scores"]
+__all__ = ["SpectralImportance", "CRITERIA", "greedy_merge_costs"]
 
 CRITERIA = ("qm", "literal", "loo", "hybrid")
 _CONV_LINEAR = (nn.modules.conv._ConvNd, nn.Linear)
@@ -57,6 +57,7 @@ def greedy_merge_costs(
     n_roots: int,
     *,
     damping: float = 1e-4,
+    max_steps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy removal order of ``n_roots`` channels and the relative output error of each step.
 
@@ -67,6 +68,8 @@ def greedy_merge_costs(
             root channel to the ``s`` consumer inputs it feeds (s > 1 after a flatten).
         n_roots: number of channels in the group.
         damping: ridge added to the Gram, relative to its mean diagonal.
+        max_steps: stop the greedy after this many removals; the channels still alive are
+            then ordered by their next-step cost (exact for the first ``max_steps``).
 
     Returns:
         ``(order, cost)``: channels in removal order, and the marginal increase of the
@@ -87,7 +90,8 @@ def greedy_merge_costs(
         state.append([ginv, w_aug, blocks.to(g.device), max(energy, 1e-30)])
     alive = torch.ones(n_roots, dtype=torch.bool)
     order, costs = [], []
-    for _ in range(n_roots):
+    steps = n_roots if max_steps is None else max(1, min(n_roots, int(max_steps)))
+    for step in range(steps):
         live = torch.nonzero(alive).view(-1)
         total = torch.full((n_roots,), math.inf, dtype=torch.float64)
         total[live] = 0.0
@@ -98,9 +102,14 @@ def greedy_merge_costs(
             if blk.shape[1] == 1:
                 cost = (wb[..., 0] ** 2).sum(0) / gb[:, 0, 0].clamp_min(1e-30)
             else:
-                sol = torch.linalg.solve(gb, wb.permute(1, 2, 0))        # (n, s, R)
-                cost = torch.einsum("rns,nsr->n", wb, sol)
+                inv_b = torch.cholesky_inverse(torch.linalg.cholesky(gb))  # (n, s, s)
+                cost = torch.einsum("rns,nst,rnt->n", wb, inv_b, wb)
             total[live] += cost.cpu() / energy
+        if step == steps - 1 and steps < n_roots:
+            rest = live[torch.argsort(total[live])]
+            order.extend(int(r) for r in rest)
+            costs.extend(float(total[r]) for r in rest)
+            break
         i = int(torch.argmin(total))
         order.append(i)
         costs.append(float(total[i]))
@@ -108,10 +117,17 @@ def greedy_merge_costs(
         for entry in state:
             ginv, w, blocks, _ = entry
             b = blocks[i]
-            inv_bb = torch.linalg.inv(ginv[b][:, b])
-            coupling = inv_bb @ ginv[b, :]                                # (s, D+1)
-            entry[1] = w - w[:, b] @ coupling
-            entry[0] = ginv - ginv[:, b] @ coupling
+            keep = torch.ones(ginv.shape[0], dtype=torch.bool, device=ginv.device)
+            keep[b] = False
+            kept = torch.nonzero(keep).view(-1)
+            coupling = torch.linalg.solve(ginv[b][:, b], ginv[b][:, kept])  # (s, D')
+            entry[0] = ginv[kept][:, kept] - ginv[kept][:, b] @ coupling
+            entry[1] = w[:, kept] - w[:, b] @ coupling
+            # positions of the remaining features after compaction (removed ones map to -1)
+            new_pos = torch.cumsum(keep.long(), 0) - 1
+            new_pos[~keep] = -1
+            entry[2] = torch.where(blocks >= 0, new_pos[blocks.clamp_min(0)], blocks)
+            entry[2][i] = -1
     return torch.tensor(order), torch.tensor(costs, dtype=torch.float64)
 
 
@@ -122,56 +138,6 @@ def _order_to_scores(order: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
     scores = torch.empty_like(cm)
     scores[order] = cm + tiny * torch.arange(len(cm), dtype=cm.dtype)
     return scores.float()
-
-
-def sibling_distance_scores(
-    states: torch.Tensor,
-    *,
-    metric: str = "fs",
-    aggregation: str = "nearest",
-    greedy: bool = True,
-) -> torch.Tensor:
-    """Redundancy of each channel state to its siblings (paper §3.1, QM-FRG edge weights).
-
-    Small score = redundant. With ``greedy`` the channels are removed one by one and each score
-    is the distance to the *surviving* siblings at the moment of removal (cumulative max), so
-    two identical channels never both look redundant.
-    """
-    n = states.shape[0]
-    if n < 2:
-        return torch.ones(n)
-    if metric == "fs":
-        dist = pairwise_fubini_study(states).double()
-    elif metric == "w2":
-        dist = _spectral.pairwise_wasserstein2(states).double()
-    else:
-        raise ValueError(f"metric must be 'fs' or 'w2', got {metric!r}")
-    dist.fill_diagonal_(math.inf)
-    if aggregation not in ("nearest", "mean"):
-        raise ValueError(f"aggregation must be 'nearest' or 'mean', got {aggregation!r}")
-
-    def agg(d: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-        d = d[:, alive]
-        if aggregation == "nearest":
-            return d.min(1).values
-        finite = torch.where(torch.isinf(d), torch.zeros_like(d), d)
-        return finite.sum(1) / (alive.sum() - 1).clamp_min(1)
-
-    if not greedy:
-        return agg(dist, torch.ones(n, dtype=torch.bool)).float()
-    alive = torch.ones(n, dtype=torch.bool)
-    order, costs = [], []
-    for _ in range(n - 1):
-        s = agg(dist, alive)
-        s[~alive] = math.inf
-        i = int(torch.argmin(s))
-        order.append(i)
-        costs.append(float(s[i]))
-        alive[i] = False
-    last = int(torch.nonzero(alive)[0])
-    order.append(last)
-    costs.append(max(costs) if costs else 1.0)
-    return _order_to_scores(torch.tensor(order), torch.tensor(costs, dtype=torch.float64))
 
 
 class SpectralImportance(tp.importance.Importance):
@@ -187,6 +153,8 @@ class SpectralImportance(tp.importance.Importance):
             profiles, Thm 2.1) for the weight-state criteria.
         aggregation: ``"nearest"`` or ``"mean"`` sibling distance.
         damping: ridge for the Gram inverses (relative to the mean diagonal).
+        greedy_fraction: for ``"qm"``, run the exact greedy only over this fraction of each
+            group's channels (enough for local pruning at that ratio; faster); ``None`` = all.
 
     Example:
         >>> import torch_pruning as tp
@@ -199,7 +167,8 @@ class SpectralImportance(tp.importance.Importance):
     """
 
     def __init__(self, criterion: str = "qm", *, stats: CalibrationStats | None = None,
-                 metric: str = "fs", aggregation: str = "nearest", damping: float = 1e-4) -> None:
+                 metric: str = "fs", aggregation: str = "nearest", damping: float = 1e-4,
+                 greedy_fraction: float | None = None) -> None:
         if criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
         if criterion == "qm" and stats is None:
@@ -212,6 +181,7 @@ class SpectralImportance(tp.importance.Importance):
         self.metric = metric
         self.aggregation = aggregation
         self.damping = damping
+        self.greedy_fraction = greedy_fraction
 
     # -- helpers -----------------------------------------------------------------------------
     @staticmethod
@@ -250,13 +220,13 @@ class SpectralImportance(tp.importance.Importance):
             elif mode in ("literal", "hybrid"):
                 mats = w.reshape(w.shape[0], w.shape[1], -1) if w.dim() > 2 else w.unsqueeze(1)
                 states = spectral_states(mats, augment=w.dim() <= 2)
-                s = sibling_distance_scores(states, metric=self.metric,
-                                            aggregation=self.aggregation).double()
+                s = self._sibling_scores(states).double()
                 if mode == "hybrid":
                     mag = w.flatten(1).norm(dim=1).double()
                     s = mag / mag.mean().clamp_min(1e-30) * (0.1 + s / s.max().clamp_min(1e-30))
             else:  # loo
-                s = self._loo_scores(layer.weight.detach().float(), idxs).double()
+                full = layer.weight.detach().float()
+                s = _leave_one_out_shifts(full, 0, torch.tensor(idxs), self.metric).double()
             s = s / s.mean().clamp_min(1e-30)
             acc.scatter_add_(0, torch.tensor(roots), s)
             hits.scatter_add_(0, torch.tensor(roots), torch.ones_like(s))
@@ -264,20 +234,16 @@ class SpectralImportance(tp.importance.Importance):
             return None
         return (acc / hits.clamp_min(1)).float()
 
-    @staticmethod
-    def _loo_scores(weight: torch.Tensor, idxs: list[int]) -> torch.Tensor:
-        mat = weight.flatten(1)
-        full = spectral_states(mat.unsqueeze(0))[0]
-        n = len(idxs)
-        keep = torch.ones(n, mat.shape[0], dtype=torch.bool)
-        keep[torch.arange(n), torch.tensor(idxs)] = False
-        loo = torch.stack([mat[k] for k in keep])                        # (n, m-1, d)
-        states = spectral_states(loo)
-        full = full[: states.shape[1]] if full.shape[0] >= states.shape[1] else full
-        k = min(full.shape[0], states.shape[1])
-        a, b = states[:, :k], full[:k].expand(n, k)
-        cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-30)
-        return torch.arccos(cos.clamp(-1, 1).abs())
+    def _sibling_scores(self, states: torch.Tensor) -> torch.Tensor:
+        """§3.1 sibling distance at greedy removal time (the drop-in method's order), made
+        monotone along that order so that thresholds cut a prefix and layers compare."""
+        if states.shape[0] < 2:
+            return torch.ones(states.shape[0])
+        order, at = _greedy_sibling_order(_pairwise(states, self.metric).double(), self.aggregation)
+        at = at.double()
+        finite = at[torch.isfinite(at)]
+        at[~torch.isfinite(at)] = (finite.max() if finite.numel() else 1.0) + 1e-6
+        return _order_to_scores(order.cpu(), at.cpu())
 
     def _qm_scores(self, group, n: int) -> torch.Tensor | None:
         consumers = []
@@ -296,7 +262,8 @@ class SpectralImportance(tp.importance.Importance):
             consumers.append((rows, entry.gram, blocks))
         if not consumers:
             return None
-        order, costs = greedy_merge_costs(consumers, n, damping=self.damping)
+        steps = None if self.greedy_fraction is None else math.ceil(self.greedy_fraction * n) + 1
+        order, costs = greedy_merge_costs(consumers, n, damping=self.damping, max_steps=steps)
         return _order_to_scores(order, costs)
 
     @torch.no_grad()

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch_pruning as tp
@@ -24,10 +23,9 @@ from ._validation import check_ratio
 from .calibration import (
     CalibrationStats,
     collect_input_grams,
-    iter_calibration,
     recalibrate_batchnorm,
 )
-from .importance import SpectralImportance, _as_rows, _is_out
+from .importance import SpectralImportance, _is_out
 
 __all__ = ["prune", "PruneReport", "compensate_group", "make_importance", "TP_CRITERIA",
            "QM_CRITERIA", "count_params_and_macs"]
@@ -221,7 +219,8 @@ def _taylor_gradients(model: nn.Module, calibration: Any, loss_fn: Callable | No
 
 
 def _run_pruner(model, example_inputs, importance, channel_ratio, *, ignored_layers,
-                global_pruning, round_to, num_heads, stats, compensate, dry_run=False):
+                global_pruning, round_to, num_heads, stats, compensate, dry_run=False,
+                damping: float = 1e-4):
     kwargs = dict(importance=importance, pruning_ratio=channel_ratio,
                   ignored_layers=ignored_layers, global_pruning=global_pruning,
                   round_to=round_to)
@@ -231,7 +230,7 @@ def _run_pruner(model, example_inputs, importance, channel_ratio, *, ignored_lay
     compensated = 0
     for group in pruner.step(interactive=True):
         if compensate and stats is not None and not dry_run:
-            compensated += compensate_group(group, stats, pruner.DG)
+            compensated += compensate_group(group, stats, pruner.DG, damping=damping)
         group.prune()
     return pruner, compensated
 
@@ -257,10 +256,18 @@ def _solve_channel_ratio(model, example_inputs, importance, goal, target, *, ign
                     stats=None, compensate=False, dry_run=True)
         return 1.0 - count_params_and_macs(trial, example_inputs)[idx] / base[idx]
 
-    lo, hi = 0.0, 0.99
-    if removed(hi) < goal:
+    # Torch-Pruning skips a layer whose ratio would leave no channel, so the reachable maximum
+    # is not at ratio→1: take the best of a few high ratios as the upper end.
+    lo, hi, best = 0.0, 0.9, removed(0.9)
+    for cand in (0.95, 0.98):
+        if best >= goal:
+            break
+        value = removed(cand)
+        if value > best:
+            hi, best = cand, value
+    if best < goal:
         raise ValueError(f"ratio={goal} of {target} cannot be reached by channel pruning "
-                         f"(at most {removed(hi):.3f} with the given ignored layers)")
+                         f"(at most {best:.3f} with the given ignored layers)")
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
         if removed(mid) < goal:
@@ -288,6 +295,7 @@ def prune(
     loss_fn: Callable | None = None,
     device: str | torch.device | None = None,
     importance_kwargs: dict[str, Any] | None = None,
+    damping: float = 1e-4,
     atomic_update: bool = True,
 ) -> PruneReport:
     """Physically remove channels from ``model`` in place (one shot), merging them into siblings.
@@ -317,6 +325,8 @@ def prune(
         loss_fn: loss for ``"taylor"`` (default cross-entropy).
         device: where calibration batches are moved (default: left where they are).
         importance_kwargs: extra arguments for :class:`SpectralImportance`.
+        damping: ridge of the least-squares merge and of the ``"qm"`` Gram inverses, relative to
+            the mean diagonal of the Gram (guards against dead channels and few samples).
         atomic_update: on any error, restore the model exactly as it was (one weight copy).
 
     Returns:
@@ -358,7 +368,12 @@ def prune(
             t_cal = stats.seconds
         if criterion == "taylor":
             _taylor_gradients(model, calibration, loss_fn, max_calibration_batches, dev)
-        inner = make_importance(criterion, stats, **(importance_kwargs or {}))
+        imp_kwargs = dict(importance_kwargs or {})
+        if criterion == "qm":
+            imp_kwargs.setdefault("damping", damping)
+            if target == "channels" and not global_pruning:
+                imp_kwargs.setdefault("greedy_fraction", min(1.0, ratio + 0.05))
+        inner = make_importance(criterion, stats, **imp_kwargs)
         importance = _CachedImportance(inner, lambda m: names.get(m, ""))
         t0 = time.perf_counter()
         # score every group once (also what the ratio search re-uses)
@@ -378,7 +393,7 @@ def prune(
             _, compensated = _run_pruner(
                 model, example_inputs, importance, channel_ratio, ignored_layers=ignored_layers,
                 global_pruning=global_pruning, round_to=round_to, num_heads=num_heads,
-                stats=stats, compensate=compensate)
+                stats=stats, compensate=compensate, damping=damping)
         if criterion == "taylor":
             model.zero_grad(set_to_none=True)
         n_bn = 0

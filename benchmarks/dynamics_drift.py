@@ -1,0 +1,236 @@
+"""Forecasting activation drift (arXiv 2512.00880 §3.3): does a Lindblad model of the activation
+density matrix predict the Fubini–Study drift d_FS,t better than naive forecasters?
+
+Set-up: the cached small CNN (``get_baseline("small_cnn")``) runs on Fashion-MNIST test images
+whose corruption grows window by window (rotation angle or Gaussian noise rising linearly from 0
+to ``--max-angle`` / ``--max-noise``; each window sees fresh images). A
+:class:`~torch_qmprune.dynamics.SpectralTracker` on one or two layers emits one density matrix ρ_t
+per window and d_FS(ψ_t, ψ_0) to the first (clean) window. For each forecast origin o (the first
+is ``--fit`` windows in), every forecaster sees windows 0..o and predicts d_FS of windows
+o+1..o+k:
+
+* last value — d_FS,o for every horizon;
+* linear — least-squares line through the last ``--linear-window`` observed d_FS values;
+* Lindblad — :class:`~torch_qmprune.dynamics.LindbladPredictor` fitted on ρ_0..ρ_o in the rank-r
+  reduced basis, evolved from ρ_o, lifted back, d_FS of the forecast spectral state to ρ_0
+  (variants: time-independent with the rollout or one-step objective, and H(t) = H0 + t·H1).
+
+Prints a markdown table of the mean absolute error per horizon (over corruptions × layers ×
+origins) and the tracker's throughput ratio; ``--out`` writes everything as JSON.
+
+Run: ``python benchmarks/dynamics_drift.py --out runs/dynamics_drift.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from torch_qmprune.data import _MEAN, _STD, load_fashion_mnist
+from torch_qmprune.dynamics import LindbladPredictor, SpectralTracker, tracker_overhead
+from torch_qmprune.zoo import get_baseline
+
+
+def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Rotate raw [0, 1] images (N, 1, H, W) by ``degrees`` (zero = black background)."""
+    if degrees == 0:
+        return x
+    a = math.radians(degrees)
+    theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]],
+                         dtype=x.dtype).expand(x.shape[0], 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+
+
+def corrupt(x_raw: torch.Tensor, kind: str, severity: float, args: argparse.Namespace,
+            gen: torch.Generator) -> torch.Tensor:
+    """Corrupted, normalized images; ``severity`` in [0, 1]."""
+    if kind == "rotation":
+        out = rotate(x_raw, severity * args.max_angle)
+    elif kind == "noise":
+        out = x_raw + severity * args.max_noise * torch.randn(x_raw.shape, generator=gen)
+    else:
+        raise ValueError(kind)
+    return (out - _MEAN) / _STD
+
+
+def linear_forecast(values: torch.Tensor, horizon: int, window: int) -> torch.Tensor:
+    """Least-squares line through the last ``window`` values, extrapolated 1..horizon ahead."""
+    y = values[-window:].double()
+    n = y.shape[0]
+    if n < 2:
+        return y[-1].expand(horizon).clone()
+    t = torch.arange(n, dtype=torch.float64)
+    slope = ((t - t.mean()) * (y - y.mean())).sum() / ((t - t.mean()) ** 2).sum()
+    future = torch.arange(n, n + horizon, dtype=torch.float64)
+    return y.mean() + slope * (future - t.mean())
+
+
+def track(model: torch.nn.Module, x_raw: torch.Tensor, y: torch.Tensor, kind: str,
+          args: argparse.Namespace, device: torch.device) -> tuple[SpectralTracker, list[float]]:
+    per_window = args.window_batches * args.batch_size
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    accs = []
+    with torch.no_grad(), SpectralTracker(model, args.layers, window=args.window_batches) as tr:
+        for w in range(args.windows):
+            severity = w / (args.windows - 1)
+            xs = x_raw[w * per_window:(w + 1) * per_window]
+            ys = y[w * per_window:(w + 1) * per_window]
+            correct = 0
+            for b in range(args.window_batches):
+                sl = slice(b * args.batch_size, (b + 1) * args.batch_size)
+                xb = corrupt(xs[sl], kind, severity, args, gen).to(device)
+                correct += int((model(xb).argmax(1).cpu() == ys[sl]).sum())
+            accs.append(100.0 * correct / per_window)
+    return tr, accs
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, default=None, help="JSON output path")
+    p.add_argument("--corruptions", nargs="+", default=["rotation", "noise"],
+                   choices=["rotation", "noise"])
+    p.add_argument("--layers", nargs="+", default=["features.4", "features.8"])
+    p.add_argument("--windows", type=int, default=24, help="windows in all")
+    p.add_argument("--window-batches", type=int, default=2, help="batches per window")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--fit", type=int, default=12, help="windows seen at the first origin")
+    p.add_argument("--horizon", type=int, default=6)
+    p.add_argument("--origins", type=int, default=3, help="forecast origins, 3 windows apart")
+    p.add_argument("--origin-stride", type=int, default=3)
+    p.add_argument("--linear-window", type=int, default=4)
+    p.add_argument("--max-angle", type=float, default=45.0, help="degrees at the last window")
+    p.add_argument("--max-noise", type=float, default=1.0, help="noise std (raw [0,1] pixel "
+                   "units) at the last window")
+    p.add_argument("--rank", type=int, default=8, help="reduced basis size for the predictor")
+    p.add_argument("--n-jump", type=int, default=2)
+    p.add_argument("--steps", type=int, default=300, help="Adam steps")
+    p.add_argument("--polish-steps", type=int, default=200, help="L-BFGS steps")
+    p.add_argument("--dt", type=float, default=1.0, help="integration sub-step (windows); for "
+                   "H(t) variants 1.0 = one midpoint exponential per window")
+    p.add_argument("--variants", nargs="+",
+                   default=["rollout", "one_step", "rollout_linearH"],
+                   choices=["rollout", "one_step", "rollout_linearH", "one_step_linearH"])
+    p.add_argument("--overhead-iters", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    last_origin = args.fit - 1 + (args.origins - 1) * args.origin_stride
+    if last_origin + args.horizon > args.windows - 1:
+        p.error(f"--windows {args.windows} too few for fit/origins/horizon "
+                f"(need {last_origin + args.horizon + 1})")
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+
+    model, info = get_baseline("small_cnn")
+    model = model.to(device).eval()
+    n_images = args.windows * args.window_batches * args.batch_size
+    x_raw, y = load_fashion_mnist("test", limit=n_images, normalize=False)
+    order = torch.randperm(x_raw.shape[0], generator=torch.Generator().manual_seed(args.seed))
+    x_raw, y = x_raw[order], y[order]
+
+    methods = ["last value", "linear"] + [f"lindblad:{v}" for v in args.variants]
+    series = []
+    for kind in args.corruptions:
+        t0 = time.perf_counter()
+        tr, accs = track(model, x_raw, y, kind, args, device)
+        print(f"[{kind}] tracked {args.windows} windows in {time.perf_counter() - t0:.1f}s; "
+              f"accuracy {accs[0]:.1f}% -> {accs[-1]:.1f}%", flush=True)
+        for layer in args.layers:
+            traj = tr.trajectory(layer).cpu()
+            d_ref = tr.distances(layer)["ref"]
+            print(f"  {layer}: d={traj.shape[-1]}, d_FS to window 0: "
+                  + " ".join(f"{v:.3f}" for v in d_ref.tolist()), flush=True)
+            for k in range(args.origins):
+                o = args.fit - 1 + k * args.origin_stride
+                target = d_ref[o + 1:o + 1 + args.horizon]
+                preds: dict[str, list[float]] = {
+                    "last value": d_ref[o].expand(args.horizon).tolist(),
+                    "linear": linear_forecast(d_ref[:o + 1], args.horizon,
+                                              args.linear_window).tolist(),
+                }
+                fits = {}
+                for variant in args.variants:
+                    objective = variant.replace("_linearH", "")
+                    tdep = "linear" if variant.endswith("_linearH") else False
+                    t1 = time.perf_counter()
+                    pred = LindbladPredictor(min(args.rank, traj.shape[-1]), n_jump=args.n_jump,
+                                             time_dependent=tdep, objective=objective,
+                                             steps=args.steps, polish_steps=args.polish_steps,
+                                             dt=args.dt, seed=args.seed)
+                    pred.fit(traj[:o + 1])
+                    fc = pred.forecast_distance(traj[:o + 1], args.horizon, reference=traj[0])
+                    preds[f"lindblad:{variant}"] = fc.tolist()
+                    fits[variant] = {"seconds": time.perf_counter() - t1,
+                                     "fit_loss": pred.fit_loss}
+                errors = {m: (torch.tensor(v, dtype=torch.float64) - target).abs().tolist()
+                          for m, v in preds.items()}
+                series.append(dict(corruption=kind, layer=layer, origin=o,
+                                   target=target.tolist(), forecasts=preds, abs_errors=errors,
+                                   fits=fits))
+                print(f"    origin {o}: MAE " + ", ".join(
+                    f"{m} {sum(e) / len(e):.4f}" for m, e in errors.items())
+                    + " | fit s: " + ", ".join(f"{v['seconds']:.1f}" for v in fits.values()),
+                    flush=True)
+        series[-1]["accuracy_per_window"] = accs
+        series[-1]["d_ref_per_layer"] = {layer: tr.distances(layer)["ref"].tolist()
+                                         for layer in args.layers}
+
+    # MAE per horizon over all series
+    table = {m: [sum(s["abs_errors"][m][h] for s in series) / len(series)
+                 for h in range(args.horizon)] for m in methods}
+    lines = ["| forecaster | " + " | ".join(f"h={h + 1}" for h in range(args.horizon))
+             + " | mean |",
+             "|---|" + "---|" * (args.horizon + 1)]
+    for m in methods:
+        row = table[m]
+        lines.append(f"| {m} | " + " | ".join(f"{v:.4f}" for v in row)
+                     + f" | {sum(row) / len(row):.4f} |")
+    wins = {m: sum(1 for s in series
+                   if sum(s["abs_errors"][m]) <= min(sum(s["abs_errors"][q]) for q in methods))
+            for m in methods}
+
+    batch = corrupt(x_raw[:256], "noise", 0.0, args, torch.Generator())
+    overhead = {}
+    for dev in ([device, torch.device("cpu")] if device.type != "cpu" else [device]):
+        m, b = model.to(dev), batch.to(dev)
+        overhead[f"{dev.type}, tracked layers"] = tracker_overhead(
+            m, b, args.overhead_iters, modules=args.layers, window=args.window_batches)
+        overhead[f"{dev.type}, all Conv/Linear"] = tracker_overhead(
+            m, b, args.overhead_iters, window=args.window_batches)
+    model.to(device)
+    print()
+    print(f"MAE of forecast d_FS(ψ_t, ψ_0) vs horizon (windows), mean over {len(series)} series "
+          f"({len(args.corruptions)} corruptions × {len(args.layers)} layers × "
+          f"{args.origins} origins):")
+    print("\n".join(lines))
+    print("series won (lowest mean error): " + ", ".join(f"{m} {c}" for m, c in wins.items()))
+    print("tracker throughput ratio tracked/untracked (batch 256): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in overhead.items()))
+    result = dict(
+        config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        baseline=info, mae_by_horizon=table, markdown="\n".join(lines), series_won=wins,
+        overhead_ratio=overhead, series=series, seconds=time.perf_counter() - start,
+        env=dict(torch=torch.__version__, python=sys.version.split()[0],
+                 machine=platform.machine(), device=str(device),
+                 threads=torch.get_num_threads()),
+    )
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The ``qmprune`` command: demo, prune, analyze and bench, with errors a person can act on."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["main", "load_model", "CLIError"]
+
+
+class CLIError(Exception):
+    """An error the user can fix; printed as one line (no traceback unless --debug)."""
+
+
+def load_model(spec: str) -> nn.Module:
+    """Resolve MODEL: a built-in name (``small_cnn``, ``resnet18_fmnist``, ``small_vit``), a
+    torchvision model name (``resnet18``), a file saved with ``torch.save(model)``, or
+    ``package.module:function`` returning an ``nn.Module``."""
+    from . import models as builtin
+
+    if os.path.exists(spec):
+        try:
+            obj = torch.load(spec, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - re-raised as a user-facing error
+            raise CLIError(f"could not load {spec!r} with torch.load: {exc}") from exc
+        if not isinstance(obj, nn.Module):
+            raise CLIError(f"{spec!r} holds a {type(obj).__name__}, not an nn.Module; save the "
+                           "whole model with torch.save(model, path)")
+        return obj
+    if ":" in spec:
+        mod_name, _, fn_name = spec.partition(":")
+        try:
+            fn = getattr(importlib.import_module(mod_name), fn_name)
+        except (ImportError, AttributeError) as exc:
+            raise CLIError(f"cannot import {spec!r}: {exc}") from exc
+        model = fn()
+        if not isinstance(model, nn.Module):
+            raise CLIError(f"{spec!r} returned {type(model).__name__}, expected an nn.Module")
+        return model
+    if spec in ("small_cnn", "resnet18_fmnist", "small_vit"):
+        return getattr(builtin, spec)()
+    import torchvision.models as tvm
+
+    if spec in tvm.list_models(module=tvm):
+        return tvm.get_model(spec, weights=None)
+    if spec.endswith((".pt", ".pth")):
+        raise CLIError(f"model file {spec!r} does not exist")
+    raise CLIError(f"unknown model {spec!r}: give a file saved with torch.save(model), "
+                   "'package.module:function', a built-in (small_cnn, resnet18_fmnist, "
+                   "small_vit) or a torchvision name such as resnet18")
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError as exc:
+        raise CLIError(f"--input-shape must look like 3,224,224, got {text!r}") from exc
+    if not shape or any(v <= 0 for v in shape):
+        raise CLIError(f"--input-shape must be positive integers, got {text!r}")
+    return shape
+
+
+def _calibration(spec: str, shape: tuple[int, ...], n: int) -> tuple[torch.Tensor, Any]:
+    if spec == "fashion-mnist":
+        from .data import load_fashion_mnist
+
+        if shape != (1, 28, 28):
+            raise CLIError(f"--calibration fashion-mnist gives 1×28×28 images; the model "
+                           f"expects {shape}: pass --calibration FILE.pt instead")
+        x, _ = load_fashion_mnist("train", limit=n)
+        return x, x
+    if spec == "random":
+        print("warning: random calibration data; the merge fits noise — pass real inputs "
+              "with --calibration FILE.pt for a useful model", file=sys.stderr)
+        x = torch.randn(n, *shape)
+        return x, x
+    if not os.path.exists(spec):
+        raise CLIError(f"calibration file {spec!r} does not exist (expected a tensor saved "
+                       "with torch.save, 'fashion-mnist' or 'random')")
+    x = torch.load(spec, map_location="cpu", weights_only=True)
+    if isinstance(x, (tuple, list)):
+        x = x[0]
+    if not torch.is_tensor(x) or tuple(x.shape[1:]) != shape:
+        raise CLIError(f"calibration tensor in {spec!r} must have shape (N, {shape}), got "
+                       f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+    return x[:n], x[:n]
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import demo_json, run_demo
+
+    ratios = tuple(float(r) for r in args.ratios.split(","))
+    for r in ratios:
+        if not 0 < r < 1:
+            raise CLIError(f"--ratios must be fractions in (0, 1), got {r}")
+    out = run_demo(ratios, calibration_size=args.calibration_size, seed=args.seed,
+                   train_limit=args.train_limit, test_limit=args.test_limit,
+                   progress=not args.json, echo=not args.json)
+    if args.json:
+        print(demo_json(out))
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from .structural import prune
+
+    if not 0 <= args.ratio < 1:
+        raise CLIError(f"--ratio must be in [0, 1), got {args.ratio}")
+    model = load_model(args.model).eval()
+    shape = _input_shape(args.input_shape)
+    calib, _ = _calibration(args.calibration, shape, args.calibration_size)
+    report = prune(model, calib[:1], args.ratio, target=args.target, criterion=args.criterion,
+                   calibration=calib, global_pruning=args.global_pruning)
+    torch.save(model, args.output)
+    payload = report.to_dict() | {"output": args.output}
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    else:
+        print(report)
+        print(f"saved pruned model to {args.output} (load with torch.load(path, "
+              "weights_only=False))")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .structural import QM_CRITERIA, TARGETS, TP_CRITERIA
+
+    parser = argparse.ArgumentParser(
+        prog="qmprune", description="Spectral-geometry pruning for PyTorch (torch_qmprune).")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="prune a real CNN on Fashion-MNIST: ours vs magnitude")
+    demo.add_argument("--ratios", default="0.3,0.5,0.7", help="channel fractions to remove")
+    demo.add_argument("--calibration-size", type=int, default=1024)
+    demo.add_argument("--train-limit", type=int, default=None, help="train on fewer images")
+    demo.add_argument("--test-limit", type=int, default=None, help="evaluate on fewer images")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    demo.set_defaults(func=_cmd_demo)
+
+    pr = sub.add_parser("prune", help="physically prune MODEL and save it with a report")
+    pr.add_argument("model", help="file, module:function, built-in or torchvision name")
+    pr.add_argument("--ratio", type=float, default=0.5)
+    pr.add_argument("--target", default="channels", choices=TARGETS)
+    pr.add_argument("--criterion", default="qm", choices=QM_CRITERIA + TP_CRITERIA)
+    pr.add_argument("--calibration", default="fashion-mnist",
+                    help="'fashion-mnist', 'random' or a tensor file (N, *input-shape)")
+    pr.add_argument("--calibration-size", type=int, default=512)
+    pr.add_argument("--input-shape", default="1,28,28")
+    pr.add_argument("--global-pruning", action="store_true")
+    pr.add_argument("--output", "-o", default="pruned.pt")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=_cmd_prune)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``qmprune`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, ValueError, TypeError, FileNotFoundError, KeyError) as exc:
+        if args.debug:
+            raise
+        print(f"qmprune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
