@@ -26,9 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing as mp
 import platform
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -72,6 +74,37 @@ def linear_forecast(values: torch.Tensor, horizon: int, window: int) -> torch.Te
     slope = ((t - t.mean()) * (y - y.mean())).sum() / ((t - t.mean()) ** 2).sum()
     future = torch.arange(n, n + horizon, dtype=torch.float64)
     return y.mean() + slope * (future - t.mean())
+
+
+def lindblad_forecast(traj: torch.Tensor, variant: str,
+                      args: argparse.Namespace) -> tuple[list[float], dict]:
+    """Fit one LindbladPredictor variant on ``traj`` (windows 0..o) and forecast d_FS to ρ_0."""
+    objective = variant.replace("_linearH", "")
+    tdep = "linear" if variant.endswith("_linearH") else False
+    t1 = time.perf_counter()
+    pred = LindbladPredictor(min(args.rank, traj.shape[-1]), n_jump=args.n_jump,
+                             time_dependent=tdep, objective=objective, steps=args.steps,
+                             polish_steps=args.polish_steps, dt=args.dt, seed=args.seed)
+    pred.fit(traj)
+    fc = pred.forecast_distance(traj, args.horizon, reference=traj[0])
+    return fc.tolist(), {"seconds": time.perf_counter() - t1, "fit_loss": pred.fit_loss}
+
+
+class _Inline:
+    """Executor stand-in that runs jobs at once (``--workers 1``)."""
+
+    class _Done:
+        def __init__(self, value: object) -> None:
+            self.value = value
+
+        def result(self) -> object:
+            return self.value
+
+    def submit(self, fn, *args):  # noqa: ANN001, ANN202
+        return self._Done(fn(*args))
+
+    def shutdown(self) -> None:
+        pass
 
 
 def track(model: torch.nn.Module, x_raw: torch.Tensor, y: torch.Tensor, kind: str,
@@ -121,6 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
                    default=["rollout", "one_step", "rollout_linearH"],
                    choices=["rollout", "one_step", "rollout_linearH", "one_step_linearH"])
     p.add_argument("--overhead-iters", type=int, default=5)
+    p.add_argument("--workers", type=int, default=1, help="processes for the predictor fits "
+                   "(each single-threaded)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -140,7 +175,11 @@ def main(argv: list[str] | None = None) -> dict:
     x_raw, y = x_raw[order], y[order]
 
     methods = ["last value", "linear"] + [f"lindblad:{v}" for v in args.variants]
-    series = []
+    series: list[dict] = []
+    drift: dict[str, dict] = {}
+    jobs = []
+    pool = (ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"))
+            if args.workers > 1 else _Inline())
     for kind in args.corruptions:
         t0 = time.perf_counter()
         tr, accs = track(model, x_raw, y, kind, args, device)
@@ -159,32 +198,29 @@ def main(argv: list[str] | None = None) -> dict:
                     "linear": linear_forecast(d_ref[:o + 1], args.horizon,
                                               args.linear_window).tolist(),
                 }
-                fits = {}
+                entry = dict(corruption=kind, layer=layer, origin=o, target=target,
+                             forecasts=preds, fits={})
+                series.append(entry)
                 for variant in args.variants:
-                    objective = variant.replace("_linearH", "")
-                    tdep = "linear" if variant.endswith("_linearH") else False
-                    t1 = time.perf_counter()
-                    pred = LindbladPredictor(min(args.rank, traj.shape[-1]), n_jump=args.n_jump,
-                                             time_dependent=tdep, objective=objective,
-                                             steps=args.steps, polish_steps=args.polish_steps,
-                                             dt=args.dt, seed=args.seed)
-                    pred.fit(traj[:o + 1])
-                    fc = pred.forecast_distance(traj[:o + 1], args.horizon, reference=traj[0])
-                    preds[f"lindblad:{variant}"] = fc.tolist()
-                    fits[variant] = {"seconds": time.perf_counter() - t1,
-                                     "fit_loss": pred.fit_loss}
-                errors = {m: (torch.tensor(v, dtype=torch.float64) - target).abs().tolist()
-                          for m, v in preds.items()}
-                series.append(dict(corruption=kind, layer=layer, origin=o,
-                                   target=target.tolist(), forecasts=preds, abs_errors=errors,
-                                   fits=fits))
-                print(f"    origin {o}: MAE " + ", ".join(
-                    f"{m} {sum(e) / len(e):.4f}" for m, e in errors.items())
-                    + " | fit s: " + ", ".join(f"{v['seconds']:.1f}" for v in fits.values()),
-                    flush=True)
-        series[-1]["accuracy_per_window"] = accs
-        series[-1]["d_ref_per_layer"] = {layer: tr.distances(layer)["ref"].tolist()
-                                         for layer in args.layers}
+                    jobs.append((entry, variant, pool.submit(
+                        lindblad_forecast, traj[:o + 1].clone(), variant, args)))
+        drift[kind] = dict(accuracy_per_window=accs,
+                           d_ref_per_layer={layer: tr.distances(layer)["ref"].tolist()
+                                            for layer in args.layers})
+    for entry, variant, fut in jobs:
+        forecast, info_fit = fut.result()
+        entry["forecasts"][f"lindblad:{variant}"] = forecast
+        entry["fits"][variant] = info_fit
+    pool.shutdown()
+    for entry in series:
+        target = entry["target"]
+        entry["abs_errors"] = {m: (torch.tensor(v, dtype=torch.float64) - target).abs().tolist()
+                               for m, v in entry["forecasts"].items()}
+        entry["target"] = target.tolist()
+        print(f"  {entry['corruption']} {entry['layer']} origin {entry['origin']}: MAE "
+              + ", ".join(f"{m} {sum(e) / len(e):.4f}" for m, e in entry["abs_errors"].items())
+              + " | fit s: " + ", ".join(f"{v['seconds']:.1f}" for v in entry["fits"].values()),
+              flush=True)
 
     # MAE per horizon over all series
     table = {m: [sum(s["abs_errors"][m][h] for s in series) / len(series)
@@ -208,6 +244,9 @@ def main(argv: list[str] | None = None) -> dict:
             m, b, args.overhead_iters, modules=args.layers, window=args.window_batches)
         overhead[f"{dev.type}, all Conv/Linear"] = tracker_overhead(
             m, b, args.overhead_iters, window=args.window_batches)
+        overhead[f"{dev.type}, all Conv/Linear, float32 products"] = tracker_overhead(
+            m, b, args.overhead_iters, window=args.window_batches,
+            product_dtype=torch.float32)
     model.to(device)
     print()
     print(f"MAE of forecast d_FS(ψ_t, ψ_0) vs horizon (windows), mean over {len(series)} series "
@@ -220,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = dict(
         config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         baseline=info, mae_by_horizon=table, markdown="\n".join(lines), series_won=wins,
-        overhead_ratio=overhead, series=series, seconds=time.perf_counter() - start,
+        overhead_ratio=overhead, drift=drift, series=series, seconds=time.perf_counter() - start,
         env=dict(torch=torch.__version__, python=sys.version.split()[0],
                  machine=platform.machine(), device=str(device),
                  threads=torch.get_num_threads()),

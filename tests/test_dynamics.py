@@ -143,6 +143,11 @@ def test_tracker_every_and_reference_none() -> None:
     used = torch.cat([ys[0], ys[2]])  # calls 1 and 3 of 8 (every=2) make the first window
     torch.testing.assert_close(recs[0].gram, used.T @ used, rtol=1e-12, atol=1e-12)
     assert recs[1].d_fs_ref is None and recs[1].d_fs_prev is not None
+    with SpectralTracker(net, window=2, every=2, product_dtype=torch.float32) as tr32:
+        for x in xs:
+            net(x)
+    assert tr32.history["0"][0].gram.dtype == torch.float64
+    torch.testing.assert_close(tr32.history["0"][0].gram, recs[0].gram, rtol=1e-5, atol=1e-5)
 
 
 def test_tracker_detects_drift() -> None:

@@ -129,6 +129,51 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from .graph import redundancy_graph
+
+    model = load_model(args.model).eval()
+    os.makedirs(args.output_dir, exist_ok=True)
+    graph = redundancy_graph(model, level=args.level, metric=args.metric)
+    clusters = graph.cluster(n_clusters=args.clusters)
+    reps = graph.representatives(clusters)
+    heatmap = os.path.join(args.output_dir, f"qmfrg_{args.level}.png")
+    graph.plot_heatmap(heatmap)
+    graph.to_json(os.path.join(args.output_dir, f"qmfrg_{args.level}.json"))
+    pairs = graph.most_redundant_pairs(args.top)
+    payload = {
+        "model": args.model, "level": args.level, "metric": args.metric,
+        "vertices": len(graph), "clusters": [[graph.names[i] for i in c] for c in clusters],
+        "representatives": [graph.names[i] for i in reps],
+        "most_redundant_pairs": [{"a": a, "b": b, "distance": d} for a, b, d in pairs],
+        "heatmap": heatmap,
+    }
+    lines = [f"# QM-FRG of {args.model} ({args.level} level, {args.metric} distance)", "",
+             f"{len(graph)} operators, {len(clusters)} redundancy clusters "
+             "(most redundant first). Heatmap: " + os.path.basename(heatmap), "",
+             "## Most redundant pairs", "", "| a | b | distance |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {d:.4f} |" for a, b, d in pairs]
+    lines += ["", "## Clusters", ""]
+    lines += [f"{k + 1}. representative `{graph.names[r]}`: " + ", ".join(
+        f"`{graph.names[i]}`" for i in c) for k, (c, r) in enumerate(zip(clusters, reps))]
+    report = os.path.join(args.output_dir, f"qmfrg_{args.level}.md")
+    with open(report, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    payload["report"] = report
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    else:
+        print("\n".join(lines[:8 + len(pairs)]))
+        print(f"\nwrote {report}, {heatmap}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .structural import QM_CRITERIA, TARGETS, TP_CRITERIA
 
@@ -159,6 +204,21 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", "-o", default="pruned.pt")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=_cmd_prune)
+
+    an = sub.add_parser("analyze", help="QM-FRG report of MODEL: states, clusters, heatmap")
+    an.add_argument("model", help="file, module:function, built-in or torchvision name")
+    an.add_argument("--level", default="layer", choices=("layer", "channel", "head"))
+    an.add_argument("--metric", default="fs", choices=("fs", "w2"))
+    an.add_argument("--clusters", type=int, default=None, help="default: eigengap heuristic")
+    an.add_argument("--top", type=int, default=10, help="most redundant pairs to list")
+    an.add_argument("--output-dir", "-o", default="qmprune_report")
+    an.add_argument("--json", action="store_true")
+    an.set_defaults(func=_cmd_analyze)
+
+    be = sub.add_parser("bench", help="benchmarks (see `qmprune bench --help`)",
+                        add_help=False)
+    be.add_argument("bench_args", nargs=argparse.REMAINDER)
+    be.set_defaults(func=_cmd_bench)
     return parser
 
 

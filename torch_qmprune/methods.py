@@ -42,6 +42,7 @@ from torch.nn.utils.prune import (
 from torch_qmprune._validation import check_amount, check_finite
 from torch_qmprune.spectral import (
     operator_matrix,
+    pad_states,
     pairwise_fubini_study,
     pairwise_wasserstein2,
     spectral_states,
@@ -404,6 +405,25 @@ def _leave_one_out_shifts(t: Tensor, dim: int, alive_idx: Tensor, metric: str) -
     n_channels = t.shape[dim]
     rows = t.shape[0]
     full = spectral_states(operator_matrix(t).unsqueeze(0), dtype=cdtype)
+    mat = operator_matrix(t)
+    if dim == 0 and mat.shape[0] <= mat.shape[1]:
+        # Removing output channel i removes row i of the operator matrix: the singular values
+        # of what is left are the square roots of the eigenvalues of the row Gram with row and
+        # column i deleted (zeroed: one extra 0 eigenvalue). One small batched eigvalsh instead
+        # of n SVDs of wide matrices. The augmented state adds a singular value 1 (§2.1, b = 0).
+        m64 = mat.double()
+        gram = m64 @ m64.T
+        idx = alive_idx.to(gram.device)
+        keep = torch.ones(idx.numel(), n_channels, dtype=gram.dtype, device=gram.device)
+        keep[torch.arange(idx.numel(), device=gram.device), idx] = 0
+        grams = gram.unsqueeze(0) * keep.unsqueeze(2) * keep.unsqueeze(1)
+        sv = torch.linalg.eigvalsh(grams).clamp_min(0).sqrt().flip(-1)
+        sv = torch.cat([sv, torch.ones(sv.shape[0], 1, dtype=sv.dtype, device=sv.device)], 1)
+        sv = sv.sort(dim=1, descending=True).values
+        loo = (sv / sv.norm(dim=1, keepdim=True)).to(cdtype)
+        if metric == "fs":
+            return pairwise_fubini_study(loo, full)[:, 0]
+        return pairwise_wasserstein2(torch.cat(pad_states(full, loo)), kind="profile")[0, 1:]
     view = [1] * (t.dim() + 1)
     view[dim + 1] = n_channels
     chunk = max(1, _LOO_CHUNK_ELEMENTS // max(t.numel(), 1))

@@ -220,10 +220,10 @@ def _taylor_gradients(model: nn.Module, calibration: Any, loss_fn: Callable | No
 
 def _run_pruner(model, example_inputs, importance, channel_ratio, *, ignored_layers,
                 global_pruning, round_to, num_heads, stats, compensate, dry_run=False,
-                damping: float = 1e-4):
+                damping: float = 1e-4, layer_ratios=None):
     kwargs = dict(importance=importance, pruning_ratio=channel_ratio,
                   ignored_layers=ignored_layers, global_pruning=global_pruning,
-                  round_to=round_to)
+                  round_to=round_to, pruning_ratio_dict=dict(layer_ratios or {}))
     if num_heads:
         kwargs.update(num_heads=num_heads, prune_num_heads=False, prune_head_dims=True)
     pruner = tp.pruner.BasePruner(model, example_inputs, **kwargs)
@@ -296,6 +296,7 @@ def prune(
     device: str | torch.device | None = None,
     importance_kwargs: dict[str, Any] | None = None,
     damping: float = 1e-4,
+    layer_ratios: dict[nn.Module, float] | None = None,
     atomic_update: bool = True,
 ) -> PruneReport:
     """Physically remove channels from ``model`` in place (one shot), merging them into siblings.
@@ -327,6 +328,8 @@ def prune(
         importance_kwargs: extra arguments for :class:`SpectralImportance`.
         damping: ridge of the least-squares merge and of the ``"qm"`` Gram inverses, relative to
             the mean diagonal of the Gram (guards against dead channels and few samples).
+        layer_ratios: ``{layer: channel ratio}`` overriding ``ratio`` for those layers (what
+            the latency-aware and policy allocations produce); ``target`` must be "channels".
         atomic_update: on any error, restore the model exactly as it was (one weight copy).
 
     Returns:
@@ -342,6 +345,12 @@ def prune(
     """
     start = time.perf_counter()
     ratio = _validate(model, ratio, target, criterion, calibration, compensate)
+    layer_ratios = dict(layer_ratios or {})
+    if layer_ratios and target != "channels":
+        raise ValueError(f"layer_ratios fixes per-layer channel ratios; target must be "
+                         f"'channels', got {target!r}")
+    for layer, value in layer_ratios.items():
+        check_ratio(value, f"layer_ratios[{type(layer).__name__}]")
     if ignored_layers is None:
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         ignored_layers = linears[-1:]
@@ -372,7 +381,8 @@ def prune(
         if criterion == "qm":
             imp_kwargs.setdefault("damping", damping)
             if target == "channels" and not global_pruning:
-                imp_kwargs.setdefault("greedy_fraction", min(1.0, ratio + 0.05))
+                top = max([ratio, *layer_ratios.values()])
+                imp_kwargs.setdefault("greedy_fraction", min(1.0, top + 0.05))
         inner = make_importance(criterion, stats, **imp_kwargs)
         importance = _CachedImportance(inner, lambda m: names.get(m, ""))
         t0 = time.perf_counter()
@@ -389,11 +399,11 @@ def prune(
                 global_pruning=global_pruning, round_to=round_to, num_heads=num_heads,
                 base=(params_before, macs_before))
         compensated = 0
-        if channel_ratio > 0:
+        if channel_ratio > 0 or layer_ratios:
             _, compensated = _run_pruner(
                 model, example_inputs, importance, channel_ratio, ignored_layers=ignored_layers,
                 global_pruning=global_pruning, round_to=round_to, num_heads=num_heads,
-                stats=stats, compensate=compensate, damping=damping)
+                stats=stats, compensate=compensate, damping=damping, layer_ratios=layer_ratios)
         if criterion == "taylor":
             model.zero_grad(set_to_none=True)
         n_bn = 0

@@ -88,6 +88,14 @@ def _bias_vector(bias: Tensor, rows: int, name: str = "bias") -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def _svdvals(mats: Tensor) -> Tensor:
+    """``torch.linalg.svdvals`` on the tall orientation (same values; LAPACK is several times
+    faster on tall than on wide matrices on CPU)."""
+    if mats.shape[-2] < mats.shape[-1]:
+        mats = mats.transpose(-2, -1)
+    return torch.linalg.svdvals(mats)
+
+
 def operator_matrix(weight: Tensor) -> Tensor:
     """View a weight tensor as the matrix of the linear operator it applies (paper §2.1).
 
@@ -222,7 +230,7 @@ def spectral_state(
             f"(weight of shape {tuple(weight.shape)})"
         )
     matrix = matrix / _safe_scale(matrix)
-    s = torch.linalg.svdvals(matrix)
+    s = _svdvals(matrix)
     return s / torch.linalg.vector_norm(s)
 
 
@@ -283,5 +291,5 @@ def spectral_states(
                 "use augment=True"
             )
     mats = mats / _safe_scale(mats)
-    s = torch.linalg.svdvals(mats)
+    s = _svdvals(mats)
     return s / torch.linalg.vector_norm(s, dim=-1, keepdim=True)
