@@ -236,15 +236,15 @@ def test_tracker_cuda() -> None:
         for x in xs:
             net(x)
     rec = tr.history["0"][0]
-    assert rec.gram.is_cuda and rec.gram.dtype == torch.float64
+    assert not rec.gram.is_cuda and rec.gram.dtype == torch.float64  # records live on the CPU
     with torch.no_grad():
         y = torch.cat([_conv_rows(net[0](x)) for x in xs[:2]])
-    torch.testing.assert_close(rec.gram, y.T @ y, rtol=1e-9, atol=1e-7)
+    torch.testing.assert_close(rec.gram, (y.T @ y).cpu(), rtol=1e-9, atol=1e-7)
     with SpectralTracker(net, window=2, device="cpu") as tr_cpu, torch.no_grad():
         for x in xs:
             net(x)
-    assert not tr_cpu.history["0"][0].gram.is_cuda
-    torch.testing.assert_close(tr_cpu.history["0"][0].gram.cuda(), rec.gram, rtol=1e-9, atol=1e-7)
+    torch.testing.assert_close(tr_cpu.history["0"][0].gram, rec.gram, rtol=1e-9, atol=1e-7)
+    assert tr.history["0"][1].d_fs_ref == pytest.approx(tr_cpu.history["0"][1].d_fs_ref, abs=1e-9)
 
 
 def test_tracker_validation_and_overhead() -> None:

@@ -18,6 +18,14 @@ from __future__ import annotations
 
 from . import models
 from .calibration import CalibrationStats, collect_input_grams, recalibrate_batchnorm
+from .dynamics import (
+    LindbladPredictor,
+    SpectralTracker,
+    WindowRecord,
+    forecast_channel_redundancy,
+    liouvillian,
+    tracker_overhead,
+)
 from .graph import RedundancyGraph, redundancy_graph
 from .heads import (
     HeadPruneReport,
@@ -118,4 +126,7 @@ __all__ = [
     "HeadPruneReport", "from_pretrained_pruned",
     # redundancy graph
     "redundancy_graph", "RedundancyGraph",
+    # time-varying redundancy
+    "SpectralTracker", "WindowRecord", "tracker_overhead", "LindbladPredictor", "liouvillian",
+    "forecast_channel_redundancy",
 ]

@@ -185,7 +185,8 @@ class WindowRecord:
         index: window number (0-based) for this module.
         batches: forward calls accumulated in the window.
         samples: rows of the activation matrix (batch × pixels for convolutions).
-        gram: ``XᵀX`` of the window's output activations, ``(d, d)`` float64.
+        gram: ``XᵀX`` of the window's output activations, ``(d, d)`` float64 (every tensor of a
+            record is on the CPU).
         mean: per-channel mean activation, ``(d,)`` float64.
         rho: density matrix ρ_t = G / tr G.
         eigenvalues: eigenvalues of ρ_t, descending, clamped ≥ 0.
@@ -262,11 +263,17 @@ class SpectralTracker:
     running Gram; every ``window`` hooked calls of a module a :class:`WindowRecord` is appended to
     ``tracker.history[name]``. Nothing else about the model changes: :meth:`remove` (or leaving
     the ``with`` block) removes exactly the hooks it added. Works in train or eval mode, under
-    ``torch.no_grad``, on CPU or CUDA (Grams live on the activations' device unless ``device`` is
-    given). For ``torch.compile``: the hook body is excluded from tracing
-    (``torch.compiler.disable``), so hooks may be registered on the eager model before or after
-    compiling, or on the compiled wrapper itself (its ``_orig_mod`` is hooked; names drop the
-    ``_orig_mod.`` prefix). Expect a graph break per tracked module.
+    ``torch.no_grad``, on CPU or CUDA (running Grams live on the activations' device unless
+    ``device`` is given; the emitted :class:`WindowRecord` tensors are always on the CPU).
+    For ``torch.compile``: the hook body is excluded from tracing (``torch.compiler.disable``),
+    so hooks may be registered on the eager model before or after compiling, or on the compiled
+    wrapper itself (its ``_orig_mod`` is hooked; names drop the ``_orig_mod.`` prefix). Expect a
+    graph break per tracked module.
+
+    Cost: each hooked call copies the activations to a (samples × channels) float64 matrix and
+    multiplies it by itself; each window end does one d × d eigendecomposition on the CPU. On a
+    small network the Gram can cost as much as the layer (see :func:`tracker_overhead`); use
+    ``every`` > 1, fewer modules, or ``product_dtype=torch.float32`` to pay less.
 
     Args:
         model: the network (or a ``torch.compile`` wrapper of it).
@@ -395,13 +402,15 @@ class SpectralTracker:
         if acc.gram is None or acc.batches == 0:
             return None
         start = time.perf_counter()
-        gram = _sym(acc.gram)
-        mean = acc.colsum / max(acc.samples, 1)
+        # window statistics are d × d: the eigendecomposition is much faster on the CPU than a
+        # cuSOLVER call plus its synchronizations, so records always live on the CPU
+        gram = _sym(acc.gram).cpu()
+        mean = (acc.colsum / max(acc.samples, 1)).cpu()
         trace = gram.diagonal().sum()
         if trace > 0:
             rho = gram / trace
         else:  # all-zero activations: maximally mixed by convention
-            rho = torch.eye(gram.shape[0], dtype=_F64, device=gram.device) / gram.shape[0]
+            rho = torch.eye(gram.shape[0], dtype=_F64) / gram.shape[0]
         w, u = torch.linalg.eigh(rho)  # one decomposition serves ψ, √ρ and the redundancy
         wc = w.clamp(min=0.0)
         lam = torch.flip(wc, dims=[0])
@@ -702,7 +711,7 @@ class LindbladPredictor:
         objective: Literal["rollout", "one_step"] = "rollout",
         integrator: Literal["expm", "rk4"] = "expm",
         dt: float = 0.25,
-        init_scale: float = 0.05,
+        init_scale: float = 1e-3,
         real: bool = False,
     ) -> None:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
