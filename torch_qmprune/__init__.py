@@ -36,7 +36,18 @@ from .heads import (
     prune_attention_heads,
     prune_heads,
 )
+from .hardware import (
+    LatencyAllocation,
+    available_profiles,
+    estimate_latency,
+    latency_allocation,
+    load_profile,
+    measure_latency,
+    measure_profile,
+    weighted_fubini_study,
+)
 from .importance import SpectralImportance, greedy_merge_costs
+from .lowrank import LowRankReport, factorize_layer, lowrank_compress, select_rank
 from .methods import (
     BasePruningMethod,
     CustomFromMask,
@@ -126,6 +137,10 @@ __all__ = [
     "HeadPruneReport", "from_pretrained_pruned",
     # redundancy graph
     "redundancy_graph", "RedundancyGraph",
+    # kernel approximation (§3.2) and hardware-aware metric (§5)
+    "lowrank_compress", "select_rank", "factorize_layer", "LowRankReport",
+    "weighted_fubini_study", "load_profile", "available_profiles", "measure_profile",
+    "measure_latency", "estimate_latency", "latency_allocation", "LatencyAllocation",
     # time-varying redundancy
     "SpectralTracker", "WindowRecord", "tracker_overhead", "LindbladPredictor", "liouvillian",
     "forecast_channel_redundancy",

@@ -521,12 +521,15 @@ def _parent_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def _targets(model: nn.Module, ignored: set[int], skipped: dict[str, str]) -> dict[str, nn.Module]:
-    """Layers that can be factorized: exactly Linear / Conv1-3d, ungrouped, not in attention."""
+    """Layers that can be factorized: exactly Linear / Conv1-3d, ungrouped, not inside torch's
+    attention / transformer layers."""
     found: dict[str, nn.Module] = {}
     inside_mha: set[int] = set()
     for m in model.modules():
-        if isinstance(m, nn.MultiheadAttention):
-            inside_mha.update(id(c) for c in m.modules())
+        # these read their Linear children's .weight directly (fused / fast paths)
+        if isinstance(m, (nn.MultiheadAttention, nn.TransformerEncoderLayer,
+                          nn.TransformerDecoderLayer)):
+            inside_mha.update(id(c) for c in m.modules() if c is not m)
     for name, m in model.named_modules():
         if not isinstance(m, _TYPES):
             continue
@@ -536,7 +539,8 @@ def _targets(model: nn.Module, ignored: set[int], skipped: dict[str, str]) -> di
         elif type(m) not in _TYPES:
             skipped[label] = f"subclass {type(m).__name__} (its forward may differ)"
         elif id(m) in inside_mha:
-            skipped[label] = "inside nn.MultiheadAttention (weights read directly)"
+            skipped[label] = ("inside nn.MultiheadAttention / nn.Transformer*Layer (their "
+                              "fast paths read .weight directly)")
         elif isinstance(m, _CONV_TYPES) and m.groups != 1:
             skipped[label] = f"grouped convolution (groups={m.groups})"
         else:
@@ -675,6 +679,7 @@ def lowrank_compress(
     example_inputs: Any = None,
     max_calibration_batches: int | None = None,
     recalibrate_bn: bool = False,
+    measure_error: bool = True,
 ) -> LowRankReport:
     """Replace Linear/Conv layers by rank-q factor pairs, q from S(ρ_q ‖ ρ) ≤ δ (§3.2, Eq. (5)).
 
@@ -719,6 +724,8 @@ def lowrank_compress(
         example_inputs: one input for counting MACs (default: the first calibration sample).
         max_calibration_batches: cap on the calibration batches used.
         recalibrate_bn: re-estimate BatchNorm running statistics on the calibration data after.
+        measure_error: measure per-layer and end-to-end errors on the calibration data (two
+            extra forward passes; ``False`` leaves them ``None``).
 
     Returns:
         :class:`LowRankReport`: per layer q, δ achieved, predicted and measured errors,
@@ -857,7 +864,7 @@ def lowrank_compress(
                                 f"saving {saving:.3f} < min_params_saving {min_params_saving}")
             report.layers[name or type(m).__name__] = entry
         reference: list[Any] = []
-        if batches:
+        if batches and measure_error:
             reference = _measure_errors(model, targets, replacements, batches, report)
         for name, new in replacements.items():
             parent, attr = _parent_and_attr(model, name)
