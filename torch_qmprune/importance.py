@@ -30,6 +30,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ._threads import single_thread as _single_thread
 from .calibration import CalibrationStats
 from .methods import _greedy_sibling_order, _leave_one_out_shifts, _pairwise
 from .spectral import spectral_states
@@ -82,6 +83,11 @@ def greedy_merge_costs(
         ``ΔE_c(r) = Σ_rows w_rᵀ ([G⁻¹]_rr)⁻¹ w_r`` — the Optimal-Brain-Surgeon cost of merging
         block r into the survivors, summed over consumers.
     """
+    with _single_thread():
+        return _greedy_merge_costs(consumers, n_roots, damping, max_steps, max_downdates)
+
+
+def _greedy_merge_costs(consumers, n_roots, damping, max_steps, max_downdates):
     state = []
     for rows, gram, blocks in consumers:
         g = gram.double().clone()
@@ -92,7 +98,9 @@ def greedy_merge_costs(
         w = rows.double().to(g.device)
         w_aug = torch.cat([w, torch.zeros(w.shape[0], 1, dtype=w.dtype, device=w.device)], 1)
         energy = float(torch.einsum("rd,de,re->", w, gram[:-1, :-1].double(), w))
-        state.append([ginv, w_aug, blocks.to(g.device), max(energy, 1e-30)])
+        # Only M = WᵀW enters the costs, so the (D+1)² matrix M stands in for the (R, D+1)
+        # weights: every step then costs O(D²), whatever the number of output rows·taps R.
+        state.append([ginv, w_aug.T @ w_aug, blocks.to(g.device), max(energy, 1e-30)])
     alive = torch.ones(n_roots, dtype=torch.bool)
     order, costs = [], []
     steps = n_roots if max_steps is None else max(1, min(n_roots, int(max_steps)))
@@ -103,15 +111,16 @@ def greedy_merge_costs(
         live = torch.nonzero(alive).view(-1)
         total = torch.full((n_roots,), math.inf, dtype=torch.float64)
         total[live] = 0.0
-        for ginv, w, blocks, energy in state:
+        for ginv, mm, blocks, energy in state:
             blk = blocks[live.to(blocks.device)]
-            gb = ginv[blk[:, :, None], blk[:, None, :]]                  # (n, s, s)
-            wb = w[:, blk]                                               # (R, n, s)
             if blk.shape[1] == 1:
-                cost = (wb[..., 0] ** 2).sum(0) / gb[:, 0, 0].clamp_min(1e-30)
+                cols = blk[:, 0]
+                cost = mm.diagonal()[cols] / ginv.diagonal()[cols].clamp_min(1e-30)
             else:
+                gb = ginv[blk[:, :, None], blk[:, None, :]]              # (n, s, s)
+                mb = mm[blk[:, :, None], blk[:, None, :]]                # (n, s, s)
                 inv_b = torch.cholesky_inverse(torch.linalg.cholesky(gb))  # (n, s, s)
-                cost = torch.einsum("rns,nst,rnt->n", wb, inv_b, wb)
+                cost = torch.einsum("nst,nts->n", inv_b, mb)             # tr(G_bb⁻¹ W_bᵀW_b)
             total[live] += cost.cpu() / energy
         if len(order) >= steps - 1 and steps < n_roots:
             rest = live[torch.argsort(total[live])]
@@ -129,20 +138,18 @@ def greedy_merge_costs(
             alive[i] = False
         if len(order) >= n_roots:
             break
-        for entry in state:
-            ginv, w, blocks, _ = entry
+        for ginv, mm, blocks, _ in state:
+            # in-place OBS downdate: removing inputs b with optimal least-squares compensation,
+            # W ← W − W_b C with C = [G⁻¹]_bb⁻¹ [G⁻¹]_b: (their rows/columns become ~0 and are
+            # never read again); M = WᵀW follows without forming W.
             b = blocks[picks].reshape(-1)
-            keep = torch.ones(ginv.shape[0], dtype=torch.bool, device=ginv.device)
-            keep[b] = False
-            kept = torch.nonzero(keep).view(-1)
-            coupling = torch.linalg.solve(ginv[b][:, b], ginv[b][:, kept])  # (|b|, D')
-            entry[0] = ginv[kept][:, kept] - ginv[kept][:, b] @ coupling
-            entry[1] = w[:, kept] - w[:, b] @ coupling
-            # positions of the remaining features after compaction (removed ones map to -1)
-            new_pos = torch.cumsum(keep.long(), 0) - 1
-            new_pos[~keep] = -1
-            entry[2] = torch.where(blocks >= 0, new_pos[blocks.clamp_min(0)], blocks)
-            entry[2][picks] = -1
+            g_b = ginv[b, :]                                             # (|b|, D+1)
+            coupling = torch.linalg.inv(ginv[b][:, b]) @ g_b
+            m_b = mm[b, :]                                               # (|b|, D+1)
+            mm.sub_(coupling.T @ m_b)
+            mm.sub_(m_b.T @ coupling)
+            mm.add_(coupling.T @ (m_b[:, b] @ coupling))
+            ginv.sub_(ginv[:, b] @ coupling)
     if len(order) < n_roots:  # the last survivor
         rest = torch.nonzero(alive).view(-1).tolist()
         order.extend(rest)

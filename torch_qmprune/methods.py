@@ -40,6 +40,7 @@ from torch.nn.utils.prune import (
 )
 
 from torch_qmprune._validation import check_amount, check_finite
+from torch_qmprune._threads import single_thread
 from torch_qmprune.spectral import (
     operator_matrix,
     pad_states,
@@ -343,6 +344,12 @@ def _pairwise(states: Tensor, metric: str) -> Tensor:
 
 
 def _greedy_sibling_order(distances: Tensor, aggregation: str) -> tuple[Tensor, Tensor]:
+    """Greedy redundancy order (see :func:`_greedy_sibling_order_impl`), single-threaded."""
+    with single_thread():
+        return _greedy_sibling_order_impl(distances, aggregation)
+
+
+def _greedy_sibling_order_impl(distances: Tensor, aggregation: str) -> tuple[Tensor, Tensor]:
     """Greedy redundancy order of §3.1 sibling distances.
 
     Repeatedly remove the surviving channel whose distance to its nearest surviving sibling
