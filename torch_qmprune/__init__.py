@@ -83,6 +83,13 @@ from .operators import (
     register_operator,
     unregister_operator,
 )
+from .policy import (
+    PolicyReport,
+    QuantumPolicyGate,
+    policy_allocation,
+    train_policy,
+    uniform_allocation,
+)
 from .serialization import load_pruned, save_pruned
 from .spectral import (
     Theorem21Report,
@@ -141,6 +148,9 @@ __all__ = [
     "lowrank_compress", "select_rank", "factorize_layer", "LowRankReport",
     "weighted_fubini_study", "load_profile", "available_profiles", "measure_profile",
     "measure_latency", "estimate_latency", "latency_allocation", "LatencyAllocation",
+    # budget-conditioned policy gate (§4)
+    "QuantumPolicyGate", "policy_allocation", "uniform_allocation", "train_policy",
+    "PolicyReport",
     # time-varying redundancy
     "SpectralTracker", "WindowRecord", "tracker_overhead", "LindbladPredictor", "liouvillian",
     "forecast_channel_redundancy",

@@ -9,28 +9,32 @@ Lagrangian of Eq. (8)::
 by a quantum natural policy gradient (Fisher–Rao metric). This module makes that concrete.
 
 **The gate** (:class:`QuantumPolicyGate`). One real register of dimension ``K = n_levels`` per
-prunable layer (a qudit; ``⌈log₂ K⌉`` qubits); the joint state is the product
-``|ψ(θ, b)⟩ = ⊗_l U_l(θ_l, b)|0⟩``. Each ``U_l = U_{l,D} ⋯ U_{l,1}`` is a product of ``D = depth``
-ladders of Givens rotations ``G_{j,j+1}(φ)`` on adjacent basis states (forward ladders on odd
-``t``, reversed on even ``t``); one forward ladder from ``|0⟩`` already reaches every real
-unit vector (hyperspherical coordinates), extra ladders over-parameterize. The budget enters as
-a token ``τ = b − ½`` shifting every angle: ``φ = θ + w·τ`` (``budget_embedding="linear"``;
+prunable layer (a qudit; ``⌈log₂ K⌉`` qubits); the joint state is the product ``|ψ(θ, b)⟩ = ⊗_l
+U_l(θ_l, b)|0⟩``. Each ``U_l = U_{l,D} ⋯ U_{l,1}`` is a product of ``D = depth`` ladders of
+Givens rotations ``G_{j,j+1}(φ)`` on adjacent basis states (``U_{l,1}``, ``U_{l,3}``, … run j =
+0 → K−2, the others in reverse); one forward ladder from ``|0⟩`` already reaches every real unit
+vector (hyperspherical coordinates), extra ladders over-parameterize. The budget enters as a
+token ``τ = b − ½`` shifting every angle: ``φ = θ + w·τ`` (``budget_embedding="linear"``;
 ``"none"`` drops it). Measuring register ``l`` in the computational basis gives outcome ``k``
 with the Born probability ``p_l(k) = |⟨k|ψ_l⟩|²``, i.e. keep level ``v_k`` (a fraction of the
-layer's channels). Real amplitudes are a deliberate choice: for a real normalized state
-``⟨ψ|∂ψ⟩ = 0``, so the quantum Fisher information ``4·Re(⟨∂ψ|∂ψ⟩ − ⟨∂ψ|ψ⟩⟨ψ|∂ψ⟩)`` (four times
-the Fubini–Study metric of the state) *equals* the classical Fisher–Rao information of the
-Born distribution, ``F = Σ_k p_k ∇log p_k ∇log p_kᵀ = 4 J_ψᵀ J_ψ``: the quantum natural
-gradient and the Fisher–Rao natural policy gradient are the same object here. The product
-structure makes ``F`` block-diagonal (one ``P × P`` block per layer), computed exactly.
+layer's channels). Real amplitudes are a deliberate choice: for a real normalized state ``⟨ψ|∂ψ⟩
+= 0``, so the quantum Fisher information ``4·Re(⟨∂ψ|∂ψ⟩ − ⟨∂ψ|ψ⟩⟨ψ|∂ψ⟩)`` (four times the
+Fubini–Study metric of the state) *equals* the classical Fisher–Rao information of the Born
+distribution, ``F = Σ_k p_k ∇log p_k ∇log p_kᵀ = 4 J_ψᵀ J_ψ``: the quantum natural gradient and
+the Fisher–Rao natural policy gradient are the same object here. The product structure makes
+``F`` block-diagonal (one ``P × P`` block per layer), computed exactly.
 
 **The Lagrangian** (:class:`PolicyProblem`, :func:`build_policy_problem`). For layer ``l`` at
 keep level ``k``:
 
-* accuracy term ``A[l, k]``: the cumulative relative output error of the layer's consumers when
-  its channels are merged into their siblings in the greedy order of
-  :func:`~torch_qmprune.greedy_merge_costs` (the ``"qm"`` criterion's own proxy, from the
-  calibration input Grams: no forward pass per sample);
+* accuracy term ``A[l, k]``: the relative output error of the layer's consumers when its
+  channels are merged into their siblings (least squares, as :func:`~torch_qmprune.prune` does)
+  in the greedy order of :func:`~torch_qmprune.greedy_merge_costs` (the ``"qm"`` criterion's
+  order), from calibration input Grams only (no forward pass per level). By default the merge
+  is fitted on one half of the calibration data and its error measured on the other half
+  (``accuracy_proxy="heldout"``); the in-sample cumulative greedy cost
+  (``accuracy_proxy="greedy"``) is near zero wherever a consumer has about as many inputs as
+  there are calibration samples (a Linear after a flatten) and misled the allocation there;
 * drift term ``D[l, k]``: the Fubini–Study distance between the spectral state of the layer's
   weight matrix and that of the same matrix with the removed channels' rows cut (§2.1, §2.3;
   ``spectral_state(W, augment=False)``), averaged over the group's producers;
@@ -42,18 +46,24 @@ keep level ``k``:
 The per-outcome Lagrangian at budget ``b`` (normalized by the uniform allocation's values
 ``A_u(b)``, ``D_u(b)`` so that step sizes do not depend on the network)::
 
-    L(k; b) = Σ_l A[l,k_l]/A_u(b) + λ₁·(R(k) − b)/b + λ₂·(Σ_l D[l,k_l]/D_u(b) − s)
+    L(k; b) = Σ_l A[l,k_l]/A_u(b) + ψ_ρ((R(k) − b)/b; λ₁) + ψ_ρ(Σ_l D[l,k_l]/D_u(b) − s; λ₂)
 
-with multipliers ``λ₁, λ₂ ≥ 0`` updated by projected dual ascent ``λ ← (λ + η·violation)₊``
-(the ``(·)₊`` of the constraint ``R ≤ b``; ``s`` is the drift slack, 1 = no more total drift
-than uniform pruning).
+with ``ψ_ρ(v; λ) = λv + ρv²/2`` where ``λ + ρv ≥ 0`` and ``−λ²/2ρ`` otherwise (the augmented
+Lagrangian of an inequality constraint ``v ≤ 0``, slope ``(λ + ρv)₊``; ``ρ = 0`` gives the
+plain ``λ·v`` of Eq. (8)), multipliers ``λ₁, λ₂ ≥ 0`` updated by projected dual ascent
+``λ ← (λ + η·E[v])₊``, and ``s`` the drift slack (1 = no more total drift than uniform
+pruning at the same budget).
 
 **The update** (:func:`train_policy`). Policy gradient of ``E_{k∼p}[L]``: either the
 score-function (REINFORCE) estimator ``g = E[(L − baseline)·∇log p(k)]`` from ``samples``
 Born samples with a leave-one-out baseline (``estimator="score"``), or its exact value
 (``estimator="exact"``; the product distribution makes ``E[L]`` closed-form, differentiated by
-autograd). Natural step: ``Δθ = −η (F + εI)⁻¹ g`` per layer block; plain step ``Δθ = −η g``
-(``natural=False``). Steps are clipped to ``max_step`` radians per layer.
+autograd). Natural step: ``Δθ = −η (F/4 + εI)⁻¹ g`` per layer block (``F/4`` is the
+Fubini–Study metric tensor, the metric of the quantum natural gradient; the constant only
+rescales ``η`` so that natural and plain steps agree on a single rotation); plain step
+``Δθ = −η g`` (``natural=False``). Steps are clipped to ``max_step`` (norm per layer). The
+natural step is invariant to how the budget weights ``w`` are scaled: ``∂φ/∂w = τ`` is small,
+so the plain gradient learns the budget dependence slowly (see the tests' two-budget toy).
 
 **The allocation** (:func:`policy_allocation`): expected keep fractions of the trained gate,
 then a common scale factor (bisection) and single-channel corrections until the resource of
@@ -67,6 +77,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -74,7 +85,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from .calibration import CalibrationStats, collect_input_grams
+from .calibration import CalibrationStats, InputGram, collect_input_grams, iter_calibration
 from .importance import _as_rows, _is_out, greedy_merge_costs
 from .spectral import fubini_study
 
@@ -86,6 +97,7 @@ __all__ = [
     "PolicyReport",
     "build_policy_problem",
     "train_policy",
+    "lagrangian_gradient",
     "policy_allocation",
     "uniform_allocation",
     "measure_resource",
@@ -288,14 +300,42 @@ class QuantumPolicyGate(nn.Module):
         return torch.multinomial(p, int(n), replacement=True, generator=generator).T
 
     # -- geometry ------------------------------------------------------------------------------
-    def amplitude_jacobian(self, budget: float) -> Tensor:
-        """``J_l = ∂ψ_l/∂[θ_l, w_l]``, shape ``(n_layers, K, P)`` (forward-mode autodiff)."""
+    def amplitude_jacobian(self, budget: float, method: str = "analytic") -> Tensor:
+        """``J_l = ∂ψ_l/∂[θ_l, w_l]``, shape ``(n_layers, K, P)``.
+
+        ``"analytic"``: hand-written forward mode through the ladders (each Givens rotation
+        maps the tangents of earlier angles and emits its own, ``∂G/∂φ``); ``∂ψ/∂w = τ·∂ψ/∂θ``.
+        ``"autograd"``: reverse-mode autograd per layer (slower; the reference for the tests).
+        """
         flat = self.flat_parameters().detach()
+        if method == "autograd":
+            def single(f: Tensor) -> Tensor:
+                return self._amplitudes_from(f, budget)
 
-        def single(f: Tensor) -> Tensor:
-            return self._amplitudes_from(f, budget)
-
-        return torch.func.vmap(torch.func.jacfwd(single))(flat)
+            return torch.stack([torch.autograd.functional.jacobian(single, f) for f in flat])
+        if method != "analytic":
+            raise ValueError(f"method must be 'analytic' or 'autograd', got {method!r}")
+        angles = self._angles_from(flat, budget)                          # (L, D, K-1)
+        n_layers, depth, k1 = angles.shape
+        x = torch.zeros(n_layers, k1 + 1, dtype=angles.dtype)
+        x[:, 0] = 1.0
+        tang = torch.zeros(n_layers, k1 + 1, depth * k1, dtype=angles.dtype)
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        for t in range(depth):
+            order = range(k1) if t % 2 == 0 else range(k1 - 1, -1, -1)
+            for j in order:
+                c, s = cos[:, t, j], sin[:, t, j]
+                a, b = x[:, j].clone(), x[:, j + 1].clone()
+                ta, tb = tang[:, j].clone(), tang[:, j + 1].clone()
+                tang[:, j] = c[:, None] * ta - s[:, None] * tb
+                tang[:, j + 1] = s[:, None] * ta + c[:, None] * tb
+                r = t * k1 + j
+                tang[:, j, r] = -s * a - c * b
+                tang[:, j + 1, r] = c * a - s * b
+                x[:, j], x[:, j + 1] = c * a - s * b, s * a + c * b
+        if self.budget_embedding == "linear":
+            tang = torch.cat([tang, self.token(budget) * tang], -1)
+        return tang
 
     def fisher(self, budget: float, method: str = "quantum") -> Tensor:
         """Fisher–Rao information of the Born distribution, one ``P × P`` block per layer.
@@ -398,7 +438,8 @@ class PolicyProblem:
         drift: ``(L, K)`` Fubini–Study drift of the layer's weight state.
         resource: the :class:`ResourceModel` (``None``: unconstrained problem).
         names: layer (group root) names; ``modules``: the root modules (keys for ``prune``).
-        channels: channels per layer; ``curves``: full cumulative accuracy curves ``(n_l+1,)``.
+        channels: channels per layer; ``curves``: full cumulative in-sample accuracy curves
+            ``(n_l+1,)`` (``"greedy"`` proxy only); ``orders``: channel removal order per layer.
 
     Example (a toy problem from tables alone):
         >>> prob = PolicyProblem.from_tables(torch.tensor([[3.0, 1.0, 2.0]]))
@@ -414,6 +455,7 @@ class PolicyProblem:
     modules: list[nn.Module] = field(default_factory=list)
     channels: list[int] = field(default_factory=list)
     curves: list[Tensor] = field(default_factory=list)
+    orders: list[Tensor] = field(default_factory=list)
     resource_kind: str | None = None
     seconds: float = 0.0
 
@@ -501,7 +543,7 @@ def _groups(model: nn.Module, example_inputs: Any, ignored: Sequence[nn.Module])
 
 
 def _group_consumers(group, n: int, stats: CalibrationStats):
-    """``(rows, gram, blocks)`` for every calibrated consumer (as SpectralImportance's "qm")."""
+    """``(layer, rows, gram, blocks)`` for every calibrated consumer (as the "qm" criterion)."""
     out = []
     for i, (dep, idxs) in enumerate(group):
         layer = dep.layer
@@ -517,7 +559,7 @@ def _group_consumers(group, n: int, stats: CalibrationStats):
             continue
         order = torch.argsort(roots_t, stable=True)
         blocks = idxs_t[order].reshape(n, int(counts[0]))
-        out.append((_as_rows(layer.weight.detach()), entry.gram, blocks))
+        out.append((layer, _as_rows(layer.weight.detach()), entry.gram, blocks))
     return out
 
 
@@ -580,7 +622,7 @@ def measure_resource(model: nn.Module, example_inputs: Any,
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
         >>> round(measure_resource(net, torch.randn(1, 1, 8, 8), {net[0]: 0.5}), 2)
-        0.51
+        0.5
     """
     if resource not in RESOURCES:
         raise ValueError(f"resource must be one of {RESOURCES}, got {resource!r}")
@@ -588,7 +630,7 @@ def measure_resource(model: nn.Module, example_inputs: Any,
     trial = copy.deepcopy(model)
     mapping = dict(zip(model.modules(), trial.modules()))
     ratios = {mapping[m]: float(r) for m, r in layer_ratios.items() if r > 0}
-    idx = 1 if resource == "macs" else 0
+    idx = 0 if resource == "macs" else 1  # tp returns (MACs, params)
     before = tp.utils.count_ops_and_params(model, example_inputs)[idx]
     if ratios:
         pruner = tp.pruner.BasePruner(
@@ -625,6 +667,81 @@ def _resource_model(model: nn.Module, example_inputs: Any, roots: list[nn.Module
     return ResourceModel(base_t, exps, total=total, names=names)
 
 
+def _split_calibration(calibration: Any, max_batches: int | None) -> tuple[list, list]:
+    """Two disjoint halves of the calibration inputs (alternate batches, or rows of one)."""
+    batches = list(iter_calibration(calibration, max_batches))
+    if len(batches) == 1 and torch.is_tensor(batches[0]) and batches[0].shape[0] >= 2:
+        half = batches[0].shape[0] // 2
+        return [batches[0][:half]], [batches[0][half:]]
+    if len(batches) < 2:
+        raise ValueError("a held-out accuracy proxy needs at least two calibration inputs")
+    return batches[0::2], batches[1::2]
+
+
+def _merged_stats(a: CalibrationStats, b: CalibrationStats) -> CalibrationStats:
+    grams = {m: InputGram(gram=a.grams[m].gram + b.grams[m].gram,
+                          count=a.grams[m].count + b.grams[m].count)
+             for m in a.grams if m in b.grams}
+    return CalibrationStats(grams=grams, names=dict(a.names), n_samples=a.n_samples + b.n_samples,
+                            n_batches=a.n_batches + b.n_batches, seconds=a.seconds + b.seconds)
+
+
+@torch.no_grad()
+def _heldout_costs(consumers: list, order: Tensor, counts: Sequence[int], n: int,
+                   fit: CalibrationStats, held: CalibrationStats, damping: float) -> Tensor:
+    """Relative output error of the consumers, on held-out activations, after merging the
+    first ``n − c`` channels of ``order`` into the rest by ridge least squares fitted on the
+    other half — one value per kept count ``c``.
+
+    Features are ordered [constant, features of no channel, channels in reverse removal order]
+    so that every kept set is a leading block: one Cholesky factor of the fitted Gram serves
+    every level. With ``W_P`` the consumer weights reading the removed features and
+    ``B = G_A[K,K]⁻¹ G_A[K,P]``, the held-out error is
+    ``tr(W_P (G_B[P,P] − Bᵀ G_B[K,P] − G_B[P,K] B + Bᵀ G_B[K,K] B) W_Pᵀ)``, divided by the
+    held-out output energy ``tr(W G_B W_ᵀ)``.
+    """
+    total = torch.zeros(len(counts), dtype=torch.float64)
+    for layer, rows, _, blocks in consumers:
+        ga, gb = fit.get(layer), held.get(layer)
+        if ga is None or gb is None:
+            continue
+        d = ga.dim
+        s = blocks.shape[1]
+        in_blocks = torch.zeros(d, dtype=torch.bool)
+        in_blocks[blocks.flatten()] = True
+        other = torch.nonzero(~in_blocks).view(-1)
+        chan = torch.cat([blocks[int(r)] for r in order.flip(0)])
+        perm = torch.cat([torch.tensor([d]), other, chan])
+        g_a = ga.gram.double()[perm][:, perm]
+        g_b = gb.gram.double()[perm][:, perm]
+        ridge = damping * float(g_a.diagonal()[1:].mean().clamp_min(1e-12))
+        g_a = g_a + ridge * torch.eye(d + 1, dtype=torch.float64)
+        chol = torch.linalg.cholesky(g_a)
+        w = rows.double()
+        w = torch.cat([w, torch.zeros(w.shape[0], 1, dtype=w.dtype)], 1)[:, perm]   # const last
+        energy = float(torch.einsum("rd,de,re->", w[:, 1:], g_b[1:, 1:], w[:, 1:]))
+        if energy <= 0:
+            continue
+        lead0 = 1 + len(other)
+        for i, c in enumerate(counts):
+            k = lead0 + int(c) * s
+            if k >= d + 1:
+                continue
+            w_p = w[:, k:]                                                   # (R, |P|)
+            g_pp, g_kp, g_kk = g_b[k:, k:], g_b[:k, k:], g_b[:k, :k]
+            if w_p.shape[0] <= w_p.shape[1]:       # carry the R rows
+                y = torch.cholesky_solve(g_a[:k, k:] @ w_p.T, chol[:k, :k])   # B W_Pᵀ (k, R)
+                err = (float(((w_p @ g_pp) * w_p).sum()) - 2 * float((y * (g_kp @ w_p.T)).sum())
+                       + float((y * (g_kk @ y)).sum()))
+            else:                                  # carry the |P| removed features
+                b = torch.cholesky_solve(g_a[:k, k:], chol[:k, :k])          # (k, |P|)
+                m = w_p.T @ w_p
+                sres = g_pp - b.T @ g_kp - g_kp.T @ b + b.T @ g_kk @ b
+                err = float((sres * m).sum())
+            total[i] += max(err, 0.0) / energy
+    return total
+
+
 def build_policy_problem(
     model: nn.Module,
     example_inputs: Any,
@@ -636,6 +753,7 @@ def build_policy_problem(
     levels: Sequence[float] | None = None,
     ignored_layers: Sequence[nn.Module] | None = None,
     damping: float = 1e-4,
+    accuracy_proxy: str = "heldout",
     max_calibration_batches: int | None = None,
     device: str | torch.device | None = None,
 ) -> PolicyProblem:
@@ -654,6 +772,14 @@ def build_policy_problem(
         ignored_layers: layers whose outputs are never pruned (default: the last Linear, as
             :func:`~torch_qmprune.prune`).
         damping: ridge of the merge-cost Gram inverses.
+        accuracy_proxy: ``"heldout"`` (default with ``calibration``): the greedy merge order
+            from all calibration Grams, but the error of each level measured on the half of the
+            calibration data the merge was *not* fitted on (merges fitted on one half). This
+            matters where a consumer's input dimension approaches the number of calibration
+            samples (a Linear after a flatten): in-sample merge errors are then near zero and
+            badly optimistic. ``"greedy"``: the in-sample cumulative greedy merge costs
+            (cheapest; what the "qm" criterion ranks by). Without calibration data: relative
+            weight energy of the removed rows.
         max_calibration_batches, device: passed to the Gram collection.
 
     Returns:
@@ -665,16 +791,26 @@ def build_policy_problem(
     ignored = _default_ignored(model) if ignored_layers is None else list(ignored_layers)
     was_training = model.training
     model.eval()
+    if accuracy_proxy not in ("heldout", "greedy"):
+        raise ValueError(f"accuracy_proxy must be 'heldout' or 'greedy', got {accuracy_proxy!r}")
+    dev = torch.device(device) if device is not None else None
+    fit = held = None
     if stats is None and calibration is not None:
-        stats = collect_input_grams(model, calibration, max_batches=max_calibration_batches,
-                                    device=torch.device(device) if device is not None else None)
+        if accuracy_proxy == "heldout":
+            half_a, half_b = _split_calibration(calibration, max_calibration_batches)
+            fit = collect_input_grams(model, half_a, device=dev)
+            held = collect_input_grams(model, half_b, device=dev)
+            stats = _merged_stats(fit, held)
+        else:
+            stats = collect_input_grams(model, calibration, max_batches=max_calibration_batches,
+                                        device=dev)
     _, groups = _groups(model, example_inputs, ignored)
     if not groups:
         raise ValueError("no prunable channel group found (every layer ignored?)")
     lv = (torch.arange(1, n_levels + 1, dtype=torch.float64) / n_levels if levels is None
           else torch.as_tensor(levels, dtype=torch.float64))
     names_of = {m: n for n, m in model.named_modules()}
-    values, acc_rows, drift_rows, curves = [], [], [], []
+    values, acc_rows, drift_rows, curves, orders = [], [], [], [], []
     roots, channels = [], []
     for root, n, group in groups:
         counts = (lv * n).round().clamp(1, n).long()
@@ -682,7 +818,7 @@ def build_policy_problem(
         consumers = _group_consumers(group, n, stats) if stats is not None else []
         producers = _group_producers(group)
         if consumers:
-            order, costs = greedy_merge_costs(consumers, n, damping=damping,
+            order, costs = greedy_merge_costs([c[1:] for c in consumers], n, damping=damping,
                                               max_steps=min(n, max_removed + 1))
         else:   # weight-only fallback: relative energy of the rows removed, smallest first
             energy = torch.zeros(n, dtype=torch.float64)
@@ -707,9 +843,14 @@ def build_policy_problem(
         if producers:
             drifts /= len(producers)
         values.append(counts.double() / n)
-        acc_rows.append(curve[n - counts])
+        if consumers and fit is not None:
+            acc_rows.append(_heldout_costs(consumers, order, counts.tolist(), n, fit, held,
+                                           damping))
+        else:
+            acc_rows.append(curve[n - counts])
         drift_rows.append(drifts)
         curves.append(curve)
+        orders.append(order)
         roots.append(root)
         channels.append(n)
     rmodel = _resource_model(model, example_inputs, roots, channels, ignored, resource)
@@ -717,13 +858,25 @@ def build_policy_problem(
     return PolicyProblem(values=torch.stack(values), accuracy=torch.stack(acc_rows),
                          drift=torch.stack(drift_rows), resource=rmodel,
                          names=[names_of.get(m, "") for m in roots], modules=roots,
-                         channels=channels, curves=curves, resource_kind=resource,
+                         channels=channels, curves=curves if fit is None else [], orders=orders,
+                         resource_kind=resource,
                          seconds=time.perf_counter() - start)
 
 
 # ------------------------------------------------------------------------------------------
 # Training: natural policy gradient + dual ascent
 # ------------------------------------------------------------------------------------------
+def _constraint_term(v: Tensor, lam: float, rho: float) -> Tensor:
+    """Augmented-Lagrangian term of the inequality constraint ``v ≤ 0`` (method of multipliers):
+    ``λv + ρv²/2`` where ``λ + ρv ≥ 0``, else ``−λ²/(2ρ)``; its slope is ``(λ + ρv)₊``.
+    ``ρ = 0`` gives the plain Lagrangian term ``λv``."""
+    if rho <= 0:
+        return lam * v
+    active = lam + rho * v >= 0
+    return torch.where(active, lam * v + 0.5 * rho * v * v,
+                       torch.full_like(v, -lam * lam / (2 * rho)))
+
+
 @dataclass
 class PolicyTraining:
     """What :func:`train_policy` did: per-step history, final multipliers, steps run."""
@@ -747,6 +900,93 @@ def _expected_terms(gate: QuantumPolicyGate, problem: PolicyProblem, budget: flo
     return acc, res, drift
 
 
+def lagrangian_gradient(
+    gate: QuantumPolicyGate,
+    problem: PolicyProblem,
+    budget: float,
+    *,
+    lambdas: Sequence[float] = (0.0, 0.0),
+    estimator: str = "score",
+    samples: int = 64,
+    penalty: float = 1.0,
+    drift_slack: float = 1.0,
+    use_drift: bool = True,
+    generator: torch.Generator | None = None,
+    reference: tuple[float, float] | None = None,
+) -> tuple[Tensor, Tensor, dict[str, float]]:
+    """Policy gradient of the expected Eq. (8) Lagrangian at one budget.
+
+    ``estimator="score"``: REINFORCE, ``g = (1/S) Σ_s (L_s − β_s) ∇log p(k_s)`` with
+    ``∇log p_l(k) = 2 ∂ψ_lk/ψ_lk`` and the leave-one-out baseline ``β_s`` (unbiased);
+    ``"exact"``: autograd of the closed-form ``E[L]`` (the product state makes every
+    expectation exact), i.e. the score-function gradient with the sum over outcomes done exactly.
+
+    Returns:
+        ``(g, J, terms)``: the gradient ``(L, P)``, the amplitude Jacobian ``(L, K, P)`` (for the
+        Fisher blocks) and the exact expectations (``accuracy``, ``resource``, ``drift``,
+        normalized; ``resource_violation`` = (E[R] − b)/b; ``drift_violation``;
+        ``lagrangian``).
+
+    Example:
+        >>> prob = PolicyProblem.from_tables(torch.tensor([[1.0, 0.0]]))
+        >>> gate = QuantumPolicyGate(1, 2, depth=1, budget_embedding="none", init_noise=0)
+        >>> g, _, _ = lagrangian_gradient(gate, prob, 0.5, estimator="exact")
+        >>> float(g[0, 0]) < 0   # raising θ moves mass to the cheaper outcome 1
+        True
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    b = float(budget)
+    l1, l2 = (float(v) for v in lambdas)
+    a_ref, d_ref = problem.reference(b) if reference is None else reference
+    has_res = problem.resource is not None
+    has_drift = use_drift and float(problem.drift.abs().sum()) > 0
+    n_layers = gate.n_layers
+    flat = gate.flat_parameters().detach()
+    with torch.no_grad():
+        jac = gate.amplitude_jacobian(b)                                  # (L, K, P)
+        acc, res, drift = _expected_terms(gate, problem, b, flat)
+    if estimator == "exact":
+        f = flat.clone().requires_grad_(True)
+        e_acc, e_res, e_drift = _expected_terms(gate, problem, b, f)
+        lag = e_acc / a_ref
+        if has_res:
+            lag = lag + _constraint_term((e_res - b) / b, l1, penalty)
+        if has_drift:
+            lag = lag + _constraint_term(e_drift / d_ref - drift_slack, l2, penalty)
+        (g,) = torch.autograd.grad(lag, f)
+    else:
+        with torch.no_grad():
+            psi = gate._amplitudes_from(flat, b)
+            p = (psi ** 2).clamp_min(0)
+            ks = torch.multinomial(p, samples, replacement=True, generator=generator)  # (L, S)
+            rows = torch.arange(n_layers)[:, None]
+            lag_s = problem.accuracy[rows, ks].sum(0) / a_ref                  # (S,)
+            if has_res:
+                q = problem.values[rows, ks].T                                 # (S, L)
+                lag_s = lag_s + _constraint_term((problem.resource.fraction(q) - b) / b, l1,
+                                                 penalty)
+            if has_drift:
+                lag_s = lag_s + _constraint_term(
+                    problem.drift[rows, ks].sum(0) / d_ref - drift_slack, l2, penalty)
+            base = (lag_s.sum() - lag_s) / max(1, samples - 1)
+            adv = lag_s - base                                                 # (S,)
+            safe = torch.where(psi.abs() < 1e-12, torch.full_like(psi, 1e-12), psi)
+            score = 2.0 * jac / safe[..., None]                                # (L, K, P)
+            g = (adv[None, :, None] * score[rows, ks]).mean(1)
+    res_v = float(res - b) / b if has_res else 0.0
+    drift_v = float(drift) / d_ref - drift_slack if has_drift else 0.0
+    lag_val = float(acc) / a_ref
+    if has_res:
+        lag_val += float(_constraint_term(torch.tensor(res_v), l1, penalty))
+    if has_drift:
+        lag_val += float(_constraint_term(torch.tensor(drift_v), l2, penalty))
+    terms = {"accuracy": float(acc) / a_ref, "resource": float(res) if has_res else float("nan"),
+             "drift": float(drift) / d_ref, "resource_violation": res_v,
+             "drift_violation": drift_v, "lagrangian": lag_val}
+    return g, jac, terms
+
+
 def train_policy(
     gate: QuantumPolicyGate,
     problem: PolicyProblem,
@@ -759,6 +999,7 @@ def train_policy(
     samples: int = 64,
     damping: float = 1e-2,
     dual_lr: float = 0.5,
+    penalty: float = 1.0,
     drift_slack: float = 1.0,
     use_drift: bool = True,
     max_step: float = 0.5,
@@ -772,9 +1013,13 @@ def train_policy(
     Each step, for every training budget ``b``: the gradient ``g_b`` of ``E_{k∼p(·|b)}[L(k; b)]``
     (score-function estimate from ``samples`` Born samples with a leave-one-out baseline, or
     exact), the Fisher blocks ``F_b = 4 J_ψᵀ J_ψ``; then per layer
-    ``Δ = −lr·(F̄ + damping·I)⁻¹ ḡ`` (natural) or ``Δ = −lr·ḡ`` (plain), bars = mean over
-    budgets, clipped to ``max_step`` (Euclidean norm per layer), and
-    ``λ₁ ← (λ₁ + dual_lr·(E[R] − b)/b)₊``, ``λ₂ ← (λ₂ + dual_lr·(E[D]/D_u − drift_slack))₊``.
+    ``Δ = −lr·(F̄/4 + damping·I)⁻¹ ḡ`` (natural: ``F/4`` is the Fubini–Study metric tensor of
+    the state, the quantum natural gradient's metric, equal to the Fisher–Rao metric up to the
+    constant 4 for real states) or ``Δ = −lr·ḡ`` (plain), bars = mean over budgets, clipped to
+    ``max_step`` (Euclidean norm per layer), and ``λ₁ ← (λ₁ + dual_lr·(E[R] − b)/b)₊``,
+    ``λ₂ ← (λ₂ + dual_lr·(E[D]/D_u − drift_slack))₊``. The constraint terms are augmented
+    (method of multipliers, :func:`_constraint_term`, ``penalty = ρ``) to damp the primal–dual
+    oscillation; the score-function estimator applies them per sample.
 
     Args:
         gate: the :class:`QuantumPolicyGate` (updated in place); ``n_layers`` and
@@ -789,6 +1034,7 @@ def train_policy(
         samples: Born samples per budget and step for ``"score"``.
         damping: Tikhonov damping ``ε`` of the Fisher blocks.
         dual_lr: dual ascent step of the multipliers.
+        penalty: ``ρ`` of the augmented constraint terms (0: plain Lagrangian ``λ·v``).
         drift_slack: allowed total drift, relative to the uniform allocation's.
         use_drift: include the λ₂ drift constraint.
         max_step: cap on the per-layer parameter step norm (radians).
@@ -830,50 +1076,20 @@ def train_policy(
         record: dict[str, float] = {"step": float(step)}
         violations = {}
         for b in budgets:
-            a_ref, d_ref = refs[b]
             l1, l2 = lam[b]
-            jac = gate.amplitude_jacobian(b)                              # (L, K, P)
-            fisher += 4.0 * jac.transpose(1, 2) @ jac
-            with torch.no_grad():
-                acc, res, drift = _expected_terms(gate, problem, b, flat)
-            if estimator == "exact":
-                f = flat.clone().requires_grad_(True)
-                e_acc, e_res, e_drift = _expected_terms(gate, problem, b, f)
-                lag = e_acc / a_ref
-                if has_res:
-                    lag = lag + l1 * (e_res - b) / b
-                if has_drift:
-                    lag = lag + l2 * (e_drift / d_ref - drift_slack)
-                (g,) = torch.autograd.grad(lag, f)
-            else:
-                with torch.no_grad():
-                    psi = gate._amplitudes_from(flat, b)
-                    p = (psi ** 2).clamp_min(0)
-                    ks = torch.multinomial(p, samples, replacement=True, generator=gen)  # (L, S)
-                    rows = torch.arange(n_layers)[:, None]
-                    lag_s = problem.accuracy[rows, ks].sum(0) / a_ref              # (S,)
-                    if has_res:
-                        q = problem.values[rows, ks].T                             # (S, L)
-                        lag_s = lag_s + l1 * (problem.resource.fraction(q) - b) / b
-                    if has_drift:
-                        lag_s = lag_s + l2 * (problem.drift[rows, ks].sum(0) / d_ref
-                                              - drift_slack)
-                    base = (lag_s.sum() - lag_s) / max(1, samples - 1)
-                    adv = lag_s - base                                             # (S,)
-                    safe = torch.where(psi.abs() < 1e-12, torch.full_like(psi, 1e-12), psi)
-                    score = 2.0 * jac / safe[..., None]                            # (L, K, P)
-                    picked = score[rows, ks]                                       # (L, S, P)
-                    g = (adv[None, :, None] * picked).mean(1)
+            g, jac, terms = lagrangian_gradient(
+                gate, problem, b, lambdas=(l1, l2), estimator=estimator, samples=samples,
+                penalty=penalty, drift_slack=drift_slack, use_drift=use_drift, generator=gen,
+                reference=refs[b])
             grad += g
-            violations[b] = (float(res - b) / b if has_res else 0.0,
-                             float(drift) / d_ref - drift_slack if has_drift else 0.0)
+            fisher += 4.0 * jac.transpose(1, 2) @ jac
+            violations[b] = (terms["resource_violation"], terms["drift_violation"])
             if step % log_every == 0:
-                lag_val = float(acc) / a_ref + (l1 * violations[b][0] if has_res else 0.0) \
-                    + (l2 * violations[b][1] if has_drift else 0.0)
                 tag = f"@{b:g}"
-                record.update({f"lagrangian{tag}": lag_val, f"accuracy{tag}": float(acc) / a_ref,
-                               f"resource{tag}": float(res) if has_res else float("nan"),
-                               f"drift{tag}": float(drift) / d_ref, f"lambda1{tag}": l1,
+                record.update({f"lagrangian{tag}": terms["lagrangian"],
+                               f"accuracy{tag}": terms["accuracy"],
+                               f"resource{tag}": terms["resource"],
+                               f"drift{tag}": terms["drift"], f"lambda1{tag}": l1,
                                f"lambda2{tag}": l2})
         grad /= len(budgets)
         fisher /= len(budgets)
@@ -947,16 +1163,26 @@ class PolicyReport:
 
 def _meet_budget(model: nn.Module, example_inputs: Any, problem: PolicyProblem,
                  keep: Tensor, budget: float, *, ignored: Sequence[nn.Module],
-                 tolerance: float, max_rounds: int = 6) -> tuple[list[int], float, float, float]:
-    """Integer channel counts close to ``s·keep`` with the measured resource within
-    ``tolerance`` of ``budget``: bisection on the common scale ``s`` on the resource model,
-    measured on a pruned copy, target corrected multiplicatively, then single-channel moves.
+                 tolerance: float, max_rounds: int = 5,
+                 measure: bool = True) -> tuple[list[int], float, float, float]:
+    """Integer channel counts close to ``s·keep`` whose *measured* resource is within
+    ``tolerance`` (relative) of ``budget``.
 
-    Returns ``(counts, scale, measured_fraction, model_fraction)``.
+    Each round works on the resource model plus an offset (what the model missed at the last
+    measurement): bisection on the common scale ``s``, then, if the rounding step is still too
+    coarse, single-channel moves (the one that lands closest to the budget, ties to the layer
+    with the smaller accuracy cost); then one pruned copy is counted and the offset updated.
+
+    ``measure=False`` stops after the first round on the model alone (no pruned copy).
+
+    Returns ``(counts, scale, measured_fraction, model_fraction)`` (measured = model fraction
+    when ``measure=False``).
     """
     rm = problem.resource
     n = torch.tensor(problem.channels, dtype=torch.float64)
     keep = keep.double().clamp(1e-3, 1.0)
+    idx = 0 if problem.resource_kind == "macs" else 1  # tp: (MACs, params)
+    before = float(tp.utils.count_ops_and_params(model, example_inputs)[idx]) if measure else 1.0
 
     def counts_at(s: float) -> Tensor:
         return (s * keep * n).round().clamp(torch.ones_like(n), n)
@@ -964,54 +1190,57 @@ def _meet_budget(model: nn.Module, example_inputs: Any, problem: PolicyProblem,
     def model_frac(c: Tensor) -> float:
         return float(rm.fraction(c / n))
 
-    def measure(c: Tensor) -> float:
-        ratios = {m: ratio_for_keep(int(k), int(nn_)) for m, k, nn_ in
-                  zip(problem.modules, c.tolist(), n.tolist())}
-        return measure_resource(model, example_inputs, ratios, resource=problem.resource_kind,
-                                ignored_layers=ignored)
+    def count(c: Tensor) -> float:
+        keep_map = {m: (int(k), int(nn_)) for m, k, nn_ in zip(problem.modules, c.tolist(),
+                                                              n.tolist())}
+        trial = _prune_copy(model, example_inputs, ignored, keep_map)
+        return float(tp.utils.count_ops_and_params(trial, example_inputs)[idx]) / before
 
-    target, scale = budget, 1.0
-    best: tuple[float, Tensor, float] | None = None
+    def cost_of(c: Tensor) -> float:
+        return _proxies(problem, [int(k) for k in c.tolist()])[0]
+
+    offset, scale = 0.0, 1.0
+    best: tuple[float, Tensor, float, float] | None = None
     for _ in range(max_rounds):
+        target = budget - offset
         lo, hi = 0.0, float(1.0 / keep.min())
         for _ in range(50):
             mid = 0.5 * (lo + hi)
             lo, hi = (mid, hi) if model_frac(counts_at(mid)) < target else (lo, mid)
-        # of the two bracketing step values, take the closer one to the target
         c_lo, c_hi = counts_at(lo), counts_at(hi)
-        c = c_lo if abs(model_frac(c_lo) - target) <= abs(model_frac(c_hi) - target) else c_hi
-        scale = lo if c is c_lo else hi
-        got = measure(c)
+        use_lo = abs(model_frac(c_lo) - target) <= abs(model_frac(c_hi) - target)
+        c, scale = (c_lo, lo) if use_lo else (c_hi, hi)
+        err_model = abs((model_frac(c) + offset) / budget - 1.0)
+        for _ in range(4 * len(problem.channels)):
+            if err_model <= 0.25 * tolerance:
+                break
+            cands = []
+            for i in range(len(c)):
+                for d in (-1, 1):
+                    k = float(c[i]) + d
+                    if 1 <= k <= n[i]:
+                        c2 = c.clone()
+                        c2[i] = k
+                        e = abs((model_frac(c2) + offset) / budget - 1.0)
+                        cands.append((round(e, 6), cost_of(c2), i, c2))
+            cands.sort(key=lambda t: (t[0], t[1]))
+            if not cands or cands[0][0] >= err_model:
+                break
+            err_model, c = cands[0][0], cands[0][3]
+        if not measure:
+            return [int(k) for k in c.tolist()], scale, model_frac(c), model_frac(c)
+        got = count(c)
         err = abs(got / budget - 1.0)
         if best is None or err < best[0]:
-            best = (err, c, got)
+            best = (err, c, got, scale)
         if err <= 0.5 * tolerance:
             break
-        target = target * budget / got
-    err, c, got = best
-    # single-channel moves toward the budget (the model predicts, the counter confirms)
-    for _ in range(4 * len(problem.channels)):
-        if err <= 0.5 * tolerance:
-            break
-        model_got = model_frac(c)
-        offset = got - model_got            # what the model misses, assumed locally constant
-        cands = []
-        for i in range(len(c)):
-            for d in (-1, 1):
-                k = float(c[i]) + d
-                if 1 <= k <= n[i]:
-                    c2 = c.clone()
-                    c2[i] = k
-                    cands.append((abs((model_frac(c2) + offset) / budget - 1.0), i, d, c2))
-        cands.sort(key=lambda t: t[0])
-        if not cands or cands[0][0] >= err:
-            break
-        c_new = cands[0][3]
-        got_new = measure(c_new)
-        err_new = abs(got_new / budget - 1.0)
-        if err_new >= err:
-            break
-        c, got, err = c_new, got_new, err_new
+        offset = got - model_frac(c)
+    err, c, got, scale = best
+    if err > tolerance:
+        warnings.warn(f"{problem.resource_kind} budget {budget:.4f} met only within "
+                      f"{100 * err:.2f}% ({got:.4f}); channel counts are too coarse for "
+                      f"tolerance={tolerance}", stacklevel=3)
     return [int(k) for k in c.tolist()], scale, got, model_frac(c)
 
 
@@ -1027,9 +1256,14 @@ def _report_layers(problem: PolicyProblem, counts: list[int],
 
 
 def _proxies(problem: PolicyProblem, counts: list[int]) -> tuple[float, float]:
-    """Accuracy proxy (exact, from the full curves) and drift (interpolated between levels)
+    """Accuracy proxy (exact from the full greedy curves, else interpolated between levels)
+    and drift (interpolated)
     of an allocation given as channel counts."""
-    acc = sum(float(c[n - k]) for c, n, k in zip(problem.curves, problem.channels, counts))
+    if problem.curves:
+        acc = sum(float(c[n - k]) for c, n, k in zip(problem.curves, problem.channels, counts))
+    else:
+        acc = sum(float(_interp_row(v, a, k / n)) for v, a, k, n in
+                  zip(problem.values, problem.accuracy, counts, problem.channels))
     drift = sum(float(_interp_row(v, d, k / n))
                 for v, d, k, n in zip(problem.values, problem.drift, counts, problem.channels))
     return acc, drift
@@ -1061,6 +1295,7 @@ def policy_allocation(
     lr: float = 0.2,
     damping: float = 1e-2,
     dual_lr: float = 0.5,
+    penalty: float = 1.0,
     drift_slack: float = 1.0,
     use_drift: bool = True,
     n_levels: int = 8,
@@ -1087,8 +1322,8 @@ def policy_allocation(
         budget: fraction of the resource to keep (0.5 = half the MACs).
         calibration: batches for the input Grams of the accuracy proxy.
         resource: ``"macs"`` or ``"params"``.
-        steps, seed, natural, estimator, samples, lr, damping, dual_lr, drift_slack,
-            use_drift: training options (see :func:`train_policy`).
+        steps, seed, natural, estimator, samples, lr, damping, dual_lr, penalty,
+            drift_slack, use_drift: training options (see :func:`train_policy`).
         n_levels, depth: gate size (keep levels per layer, rotation ladders).
         keep_mode: ``"expected"`` or ``"mode"`` keep fraction read from the gate.
         tolerance: allowed relative budget error of the measured resource.
@@ -1127,7 +1362,8 @@ def policy_allocation(
     if steps > 0:
         training = train_policy(gate, problem, list(train_budgets or [budget]), steps=steps,
                                 lr=lr, natural=natural, estimator=estimator, samples=samples,
-                                damping=damping, dual_lr=dual_lr, drift_slack=drift_slack,
+                                damping=damping, dual_lr=dual_lr, penalty=penalty,
+                                drift_slack=drift_slack,
                                 use_drift=use_drift, seed=seed, log_every=max(1, steps // 50))
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -1139,7 +1375,7 @@ def policy_allocation(
     acc, drift = _proxies(problem, counts)
     u_counts, _, _, _ = _meet_budget(model, example_inputs, problem,
                                      torch.full((problem.n_layers,), problem.uniform_keep(budget)),
-                                     budget, ignored=ignored, tolerance=1.0)
+                                     budget, ignored=ignored, tolerance=tolerance, measure=False)
     u_acc, u_drift = _proxies(problem, u_counts)
     report = PolicyReport(
         method="policy", budget=budget, resource=resource, achieved=got, achieved_model=got_model,
@@ -1168,11 +1404,11 @@ def uniform_allocation(
     :func:`policy_allocation` (the fair baseline: same layers, same rounding, same counter).
 
     Example:
-        >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
-        ...                     nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
+        >>> net = nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(),
+        ...                     nn.Flatten(), nn.Linear(32 * 4 * 4, 3))
         >>> ratios, rep = uniform_allocation(net, torch.randn(1, 1, 8, 8), 0.5)
-        >>> abs(rep.achieved / 0.5 - 1) <= 0.02
-        True
+        >>> abs(rep.achieved / 0.5 - 1) <= 0.02, len(ratios)
+        (True, 2)
     """
     budget = _check_inputs(model, budget, resource)
     ignored = _default_ignored(model) if ignored_layers is None else list(ignored_layers)
