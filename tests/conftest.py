@@ -1,4 +1,4 @@
-"""Shared fixtures: small deterministic models and real Fashion-MNIST slices (cached per session)."""
+"""Shared fixtures: small deterministic models and real Fashion-MNIST slices (per session)."""
 
 from __future__ import annotations
 

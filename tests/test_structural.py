@@ -173,7 +173,7 @@ def test_failure_midway_restores_the_model_exactly(monkeypatch):
 
     model = small_cnn()
     x = torch.randn(16, 1, 28, 28)
-    params = {n: p for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())
     before = copy.deepcopy(model.state_dict())
     calls = {"n": 0}
     real = structural.compensate_group

@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from . import models
+from . import models  # noqa: F401 (qmprune.models.resnet18_fmnist, ...)
 from .calibration import CalibrationStats, collect_input_grams, recalibrate_batchnorm
 from .dynamics import (
     LindbladPredictor,

@@ -36,7 +36,9 @@ def check_amount(amount: object, name: str = "amount") -> float | int:
 def check_ratio(ratio: object, name: str = "ratio", *, allow_one: bool = False) -> float:
     """Validate a fraction in [0, 1) (or [0, 1] with ``allow_one``) for structural pruning."""
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
-        raise TypeError(f"{name} must be a float in [0, 1), got {ratio!r} of type {type(ratio).__name__}")
+        raise TypeError(
+            f"{name} must be a float in [0, 1), got {ratio!r} of type {type(ratio).__name__}"
+        )
     value = float(ratio)
     upper_ok = value <= 1.0 if allow_one else value < 1.0
     if math.isnan(value) or value < 0.0 or not upper_ok:

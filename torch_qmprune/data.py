@@ -19,15 +19,26 @@ __all__ = ["FASHION_MNIST_DIRS", "load_fashion_mnist", "batches", "FASHION_MNIST
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 _MEAN, _STD = 0.2860, 0.3530
 
 
 def _find_root(root: str | os.PathLike | None) -> Path:
-    candidates = [root] if root is not None else [os.environ.get("QMPRUNE_FASHION_MNIST"),
-                                                  *FASHION_MNIST_DIRS]
+    candidates = (
+        [root]
+        if root is not None
+        else [os.environ.get("QMPRUNE_FASHION_MNIST"), *FASHION_MNIST_DIRS]
+    )
     for cand in candidates:
         if cand and (Path(cand) / "t10k-labels-idx1-ubyte.gz").exists():
             return Path(cand)
@@ -47,8 +58,8 @@ def _read_idx(path: Path) -> torch.Tensor:
     ndim = magic & 0xFF
     if (magic >> 8) != 0x08:
         raise ValueError(f"{path}: not an unsigned-byte idx file (magic {magic:#x})")
-    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
-    payload = torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8)
+    dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    payload = torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8)
     return payload.reshape(dims)
 
 
@@ -102,5 +113,9 @@ def batches(
     n = x.shape[0]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else None
     for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
+        idx = (
+            order[start : start + batch_size]
+            if order is not None
+            else slice(start, start + batch_size)
+        )
         yield (x[idx], y[idx]) if y is not None else x[idx]

@@ -117,10 +117,10 @@ def _greedy_merge_costs(consumers, n_roots, damping, max_steps, max_downdates):
                 cols = blk[:, 0]
                 cost = mm.diagonal()[cols] / ginv.diagonal()[cols].clamp_min(1e-30)
             else:
-                gb = ginv[blk[:, :, None], blk[:, None, :]]              # (n, s, s)
-                mb = mm[blk[:, :, None], blk[:, None, :]]                # (n, s, s)
+                gb = ginv[blk[:, :, None], blk[:, None, :]]  # (n, s, s)
+                mb = mm[blk[:, :, None], blk[:, None, :]]  # (n, s, s)
                 inv_b = torch.cholesky_inverse(torch.linalg.cholesky(gb))  # (n, s, s)
-                cost = torch.einsum("nst,nts->n", inv_b, mb)             # tr(G_bb⁻¹ W_bᵀW_b)
+                cost = torch.einsum("nst,nts->n", inv_b, mb)  # tr(G_bb⁻¹ W_bᵀW_b)
             total[live] += cost.cpu() / energy
         if len(order) >= steps - 1 and steps < n_roots:
             rest = live[torch.argsort(total[live])]
@@ -143,9 +143,9 @@ def _greedy_merge_costs(consumers, n_roots, damping, max_steps, max_downdates):
             # W ← W − W_b C with C = [G⁻¹]_bb⁻¹ [G⁻¹]_b: (their rows/columns become ~0 and are
             # never read again); M = WᵀW follows without forming W.
             b = blocks[picks].reshape(-1)
-            g_b = ginv[b, :]                                             # (|b|, D+1)
+            g_b = ginv[b, :]  # (|b|, D+1)
             coupling = torch.linalg.inv(ginv[b][:, b]) @ g_b
-            m_b = mm[b, :]                                               # (|b|, D+1)
+            m_b = mm[b, :]  # (|b|, D+1)
             mm.sub_(coupling.T @ m_b)
             mm.sub_(m_b.T @ coupling)
             mm.add_(coupling.T @ (m_b[:, b] @ coupling))
@@ -184,7 +184,8 @@ class SpectralImportance(tp.importance.Importance):
 
     Example:
         >>> import torch_pruning as tp
-        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+        >>> nn = torch.nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
         >>> imp = SpectralImportance(criterion="literal")
         >>> dg = tp.DependencyGraph().build_dependency(net, example_inputs=torch.randn(1, 3, 8, 8))
         >>> group = dg.get_pruning_group(net[0], tp.prune_conv_out_channels, idxs=list(range(8)))
@@ -192,14 +193,23 @@ class SpectralImportance(tp.importance.Importance):
         torch.Size([8])
     """
 
-    def __init__(self, criterion: str = "qm", *, stats: CalibrationStats | None = None,
-                 metric: str = "fs", aggregation: str = "nearest", damping: float = 1e-4,
-                 greedy_fraction: float | None = None) -> None:
+    def __init__(
+        self,
+        criterion: str = "qm",
+        *,
+        stats: CalibrationStats | None = None,
+        metric: str = "fs",
+        aggregation: str = "nearest",
+        damping: float = 1e-4,
+        greedy_fraction: float | None = None,
+    ) -> None:
         if criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
         if criterion == "qm" and stats is None:
-            raise ValueError("criterion 'qm' is data-aware: pass stats=collect_input_grams(model, "
-                             "calibration_batches)")
+            raise ValueError(
+                "criterion 'qm' is data-aware: pass stats=collect_input_grams(model, "
+                "calibration_batches)"
+            )
         if metric not in ("fs", "w2"):
             raise ValueError(f"metric must be 'fs' or 'w2', got {metric!r}")
         self.criterion = criterion

@@ -424,7 +424,8 @@ def _leave_one_out_shifts(t: Tensor, dim: int, alive_idx: Tensor, metric: str) -
         keep = torch.ones(idx.numel(), n_channels, dtype=gram.dtype, device=gram.device)
         keep[torch.arange(idx.numel(), device=gram.device), idx] = 0
         grams = gram.unsqueeze(0) * keep.unsqueeze(2) * keep.unsqueeze(1)
-        sv = torch.linalg.eigvalsh(grams).clamp_min(0).sqrt().flip(-1)
+        with single_thread():  # many small LAPACK problems: batched OpenMP thrashes under load
+            sv = torch.linalg.eigvalsh(grams).clamp_min(0).sqrt().flip(-1)
         sv = torch.cat([sv, torch.ones(sv.shape[0], 1, dtype=sv.dtype, device=sv.device)], 1)
         sv = sv.sort(dim=1, descending=True).values
         loo = (sv / sv.norm(dim=1, keepdim=True)).to(cdtype)

@@ -19,14 +19,23 @@ class SmallCNN(nn.Module):
         super().__init__()
         c1, c2, c3 = 32 * width, 64 * width, 64 * width
         self.features = nn.Sequential(
-            nn.Conv2d(1, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1), nn.ReLU(inplace=True),
+            nn.Conv2d(1, c1, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c1),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2), nn.ReLU(inplace=True),
+            nn.Conv2d(c1, c2, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c2),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
-            nn.Conv2d(c2, c3, 3, padding=1, bias=False), nn.BatchNorm2d(c3), nn.ReLU(inplace=True),
+            nn.Conv2d(c2, c3, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c3),
+            nn.ReLU(inplace=True),
         )
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(c3 * 7 * 7, 128), nn.ReLU(inplace=True), nn.Linear(128, num_classes)
+            nn.Flatten(),
+            nn.Linear(c3 * 7 * 7, 128),
+            nn.ReLU(inplace=True),
+            nn.Linear(128, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,16 +62,29 @@ def resnet18_fmnist(num_classes: int = 10, *, stem_stride: int = 1) -> nn.Module
     return model
 
 
-def small_vit(num_classes: int = 10, *, num_layers: int = 4, num_heads: int = 8,
-              hidden_dim: int = 128, mlp_dim: int = 256, patch_size: int = 7) -> nn.Module:
+def small_vit(
+    num_classes: int = 10,
+    *,
+    num_layers: int = 4,
+    num_heads: int = 8,
+    hidden_dim: int = 128,
+    mlp_dim: int = 256,
+    patch_size: int = 7,
+) -> nn.Module:
     """A torchvision ``VisionTransformer`` (the vit_b_16 family) scaled to 1×28×28 images.
 
     The patch embedding takes one channel (``conv_proj`` replaced), 16 patches of 7×7.
     """
     from torchvision.models import VisionTransformer
 
-    model = VisionTransformer(image_size=28, patch_size=patch_size, num_layers=num_layers,
-                              num_heads=num_heads, hidden_dim=hidden_dim, mlp_dim=mlp_dim,
-                              num_classes=num_classes)
+    model = VisionTransformer(
+        image_size=28,
+        patch_size=patch_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        hidden_dim=hidden_dim,
+        mlp_dim=mlp_dim,
+        num_classes=num_classes,
+    )
     model.conv_proj = nn.Conv2d(1, hidden_dim, kernel_size=patch_size, stride=patch_size)
     return model

@@ -27,8 +27,15 @@ from .calibration import (
 )
 from .importance import SpectralImportance, _is_out
 
-__all__ = ["prune", "PruneReport", "compensate_group", "make_importance", "TP_CRITERIA",
-           "QM_CRITERIA", "count_params_and_macs"]
+__all__ = [
+    "prune",
+    "PruneReport",
+    "compensate_group",
+    "make_importance",
+    "TP_CRITERIA",
+    "QM_CRITERIA",
+    "count_params_and_macs",
+]
 
 TP_CRITERIA = ("l1", "l2", "fpgm", "lamp", "taylor", "random")
 QM_CRITERIA = ("qm", "literal", "loo", "hybrid")
@@ -72,14 +79,17 @@ class PruneReport:
         return json.dumps(self.to_dict(), indent=2)
 
     def __str__(self) -> str:
-        return (f"PruneReport(criterion={self.criterion!r}, params {self.params_before:,} -> "
-                f"{self.params_after:,} ({100 * self.param_sparsity:.1f}% removed), MACs "
-                f"{self.macs_before:,} -> {self.macs_after:,} ({self.macs_speedup:.2f}x fewer), "
-                f"{len(self.layers)} layers, {self.total_seconds:.2f}s)")
+        return (
+            f"PruneReport(criterion={self.criterion!r}, params {self.params_before:,} -> "
+            f"{self.params_after:,} ({100 * self.param_sparsity:.1f}% removed), MACs "
+            f"{self.macs_before:,} -> {self.macs_after:,} ({self.macs_speedup:.2f}x fewer), "
+            f"{len(self.layers)} layers, {self.total_seconds:.2f}s)"
+        )
 
 
 def count_params_and_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
-    """``(parameters, MACs)`` of one forward pass on ``example_inputs`` (Torch-Pruning's counter)."""
+    """``(parameters, MACs)`` of one forward pass on ``example_inputs`` (Torch-Pruning's
+    counter)."""
     macs, params = tp.utils.count_ops_and_params(model, example_inputs)
     return int(params), int(macs)
 
@@ -129,8 +139,9 @@ def _following_batchnorm(dg: tp.DependencyGraph, layer: nn.Module) -> nn.Module 
 
 
 @torch.no_grad()
-def compensate_group(group, stats: CalibrationStats, dg: tp.DependencyGraph | None = None, *,
-                     damping: float = 1e-4) -> int:
+def compensate_group(
+    group, stats: CalibrationStats, dg: tp.DependencyGraph | None = None, *, damping: float = 1e-4
+) -> int:
     """Merge the channels a group is about to remove into their siblings, at every consumer.
 
     For consumer input features split into pruned P and kept K, solve
@@ -162,11 +173,11 @@ def compensate_group(group, stats: CalibrationStats, dg: tp.DependencyGraph | No
         g_kk = g[k_idx][:, k_idx]
         ridge = damping * float(g_kk.diagonal().mean().clamp_min(1e-12))
         g_kk = g_kk + ridge * torch.eye(len(k_idx), dtype=g.dtype)
-        b = torch.linalg.solve(g_kk, g[k_idx][:, pruned])            # (|K|(+1), |P|)
+        b = torch.linalg.solve(g_kk, g[k_idx][:, pruned])  # (|K|(+1), |P|)
         w = layer.weight
         wd = w.detach().double().cpu()
-        w_p = wd[:, pruned]                                          # (out, |P|, *k)
-        b_k = b[: len(kept)]                                         # (|K|, |P|)
+        w_p = wd[:, pruned]  # (out, |P|, *k)
+        b_k = b[: len(kept)]  # (|K|, |P|)
         delta = torch.einsum("op...,qp->oq...", w_p, b_k)
         wd[:, kept] += delta
         w.data.copy_(wd.to(w.dtype))
@@ -181,8 +192,9 @@ def compensate_group(group, stats: CalibrationStats, dg: tp.DependencyGraph | No
     return updated
 
 
-def _validate(model: nn.Module, ratio: float, target: str, criterion: str,
-              calibration: Any, compensate: bool) -> float:
+def _validate(
+    model: nn.Module, ratio: float, target: str, criterion: str, calibration: Any, compensate: bool
+) -> float:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     ratio = check_ratio(ratio, "ratio")
@@ -194,12 +206,14 @@ def _validate(model: nn.Module, ratio: float, target: str, criterion: str,
         raise ValueError(
             f"criterion={criterion!r} with compensate={compensate} needs calibration data: pass "
             "calibration=<tensor or iterable of batches> (a few hundred to a few thousand "
-            "inputs), or use compensate=False with a weight-only criterion such as 'l1'")
+            "inputs), or use compensate=False with a weight-only criterion such as 'l1'"
+        )
     return ratio
 
 
-def _taylor_gradients(model: nn.Module, calibration: Any, loss_fn: Callable | None,
-                      max_batches: int | None, device) -> None:
+def _taylor_gradients(
+    model: nn.Module, calibration: Any, loss_fn: Callable | None, max_batches: int | None, device
+) -> None:
     """Accumulate gradients for Torch-Pruning's Taylor importance on labelled calibration data."""
     model.zero_grad(set_to_none=True)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
@@ -208,7 +222,9 @@ def _taylor_gradients(model: nn.Module, calibration: Any, loss_fn: Callable | No
         if max_batches is not None and i >= max_batches:
             break
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise ValueError("criterion='taylor' needs labelled calibration batches (inputs, targets)")
+            raise ValueError(
+                "criterion='taylor' needs labelled calibration batches (inputs, targets)"
+            )
         x, y = batch[0], batch[1]
         if device is not None:
             x, y = x.to(device), y.to(device)
@@ -218,12 +234,30 @@ def _taylor_gradients(model: nn.Module, calibration: Any, loss_fn: Callable | No
         raise ValueError("criterion='taylor' needs an iterable of (inputs, targets) batches")
 
 
-def _run_pruner(model, example_inputs, importance, channel_ratio, *, ignored_layers,
-                global_pruning, round_to, num_heads, stats, compensate, dry_run=False,
-                damping: float = 1e-4, layer_ratios=None):
-    kwargs = dict(importance=importance, pruning_ratio=channel_ratio,
-                  ignored_layers=ignored_layers, global_pruning=global_pruning,
-                  round_to=round_to, pruning_ratio_dict=dict(layer_ratios or {}))
+def _run_pruner(
+    model,
+    example_inputs,
+    importance,
+    channel_ratio,
+    *,
+    ignored_layers,
+    global_pruning,
+    round_to,
+    num_heads,
+    stats,
+    compensate,
+    dry_run=False,
+    damping: float = 1e-4,
+    layer_ratios=None,
+):
+    kwargs = dict(
+        importance=importance,
+        pruning_ratio=channel_ratio,
+        ignored_layers=ignored_layers,
+        global_pruning=global_pruning,
+        round_to=round_to,
+        pruning_ratio_dict=dict(layer_ratios or {}),
+    )
     if num_heads:
         kwargs.update(num_heads=num_heads, prune_num_heads=False, prune_head_dims=True)
     pruner = tp.pruner.BasePruner(model, example_inputs, **kwargs)
@@ -235,8 +269,20 @@ def _run_pruner(model, example_inputs, importance, channel_ratio, *, ignored_lay
     return pruner, compensated
 
 
-def _solve_channel_ratio(model, example_inputs, importance, goal, target, *, ignored_layers,
-                         global_pruning, round_to, num_heads, base, iters: int = 9) -> float:
+def _solve_channel_ratio(
+    model,
+    example_inputs,
+    importance,
+    goal,
+    target,
+    *,
+    ignored_layers,
+    global_pruning,
+    round_to,
+    num_heads,
+    base,
+    iters: int = 9,
+) -> float:
     """Bisection on the channel ratio so that params (or MACs) fall by ``goal`` (9 halvings of
     [0, 0.9]: the ratio to 0.002, the size to well within 1 %)."""
     idx = 0 if target == "params" else 1
@@ -245,16 +291,30 @@ def _solve_channel_ratio(model, example_inputs, importance, goal, target, *, ign
         trial = copy.deepcopy(model)
         name_map = {m: n for n, m in model.named_modules()}
         trial_names = {mt: name_map[m] for (m, mt) in zip(model.modules(), trial.modules())}
-        imp = _CachedImportance(importance.inner, lambda m: trial_names.get(m, "")) \
-            if isinstance(importance, _CachedImportance) else importance
+        imp = (
+            _CachedImportance(importance.inner, lambda m: trial_names.get(m, ""))
+            if isinstance(importance, _CachedImportance)
+            else importance
+        )
         if isinstance(importance, _CachedImportance):
             imp.cache = importance.cache
         ignored = [dict(zip(model.modules(), trial.modules()))[m] for m in ignored_layers]
-        _run_pruner(trial, example_inputs, imp, r, ignored_layers=ignored,
-                    global_pruning=global_pruning, round_to=round_to,
-                    num_heads={dict(zip(model.modules(), trial.modules()))[k]: v
-                               for k, v in (num_heads or {}).items()},
-                    stats=None, compensate=False, dry_run=True)
+        _run_pruner(
+            trial,
+            example_inputs,
+            imp,
+            r,
+            ignored_layers=ignored,
+            global_pruning=global_pruning,
+            round_to=round_to,
+            num_heads={
+                dict(zip(model.modules(), trial.modules()))[k]: v
+                for k, v in (num_heads or {}).items()
+            },
+            stats=None,
+            compensate=False,
+            dry_run=True,
+        )
         if target == "params":
             return 1.0 - sum(p.numel() for p in trial.parameters()) / base[0]
         return 1.0 - count_params_and_macs(trial, example_inputs)[idx] / base[idx]
@@ -269,8 +329,10 @@ def _solve_channel_ratio(model, example_inputs, importance, goal, target, *, ign
         if value > best:
             hi, best = cand, value
     if best < goal:
-        raise ValueError(f"ratio={goal} of {target} cannot be reached by channel pruning "
-                         f"(at most {best:.3f} with the given ignored layers)")
+        raise ValueError(
+            f"ratio={goal} of {target} cannot be reached by channel pruning "
+            f"(at most {best:.3f} with the given ignored layers)"
+        )
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
         if removed(mid) < goal:
@@ -350,8 +412,10 @@ def prune(
     ratio = _validate(model, ratio, target, criterion, calibration, compensate)
     layer_ratios = dict(layer_ratios or {})
     if layer_ratios and target != "channels":
-        raise ValueError(f"layer_ratios fixes per-layer channel ratios; target must be "
-                         f"'channels', got {target!r}")
+        raise ValueError(
+            f"layer_ratios fixes per-layer channel ratios; target must be "
+            f"'channels', got {target!r}"
+        )
     for layer, value in layer_ratios.items():
         check_ratio(value, f"layer_ratios[{type(layer).__name__}]")
     if ignored_layers is None:
@@ -370,13 +434,17 @@ def prune(
         was_training = model.training
         model.eval()
         params_before, macs_before = count_params_and_macs(model, example_inputs)
-        widths_before = {names[m]: (m.out_channels if hasattr(m, "out_channels") else m.out_features)
-                         for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
+        widths_before = {
+            names[m]: (m.out_channels if hasattr(m, "out_channels") else m.out_features)
+            for m in model.modules()
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+        }
         stats = None
         t_cal = 0.0
         if calibration is not None and (criterion == "qm" or compensate):
-            stats = collect_input_grams(model, calibration, max_batches=max_calibration_batches,
-                                        device=dev)
+            stats = collect_input_grams(
+                model, calibration, max_batches=max_calibration_batches, device=dev
+            )
             t_cal = stats.seconds
         if criterion == "taylor":
             _taylor_gradients(model, calibration, loss_fn, max_calibration_batches, dev)
@@ -391,39 +459,72 @@ def prune(
         t0 = time.perf_counter()
         # score every group once (also what the ratio search re-uses)
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-        for group in dg.get_all_groups(ignored_layers=ignored_layers,
-                                       root_module_types=[nn.modules.conv._ConvNd, nn.Linear]):
+        for group in dg.get_all_groups(
+            ignored_layers=ignored_layers, root_module_types=[nn.modules.conv._ConvNd, nn.Linear]
+        ):
             importance(group)
         t_score = time.perf_counter() - t0
         channel_ratio = ratio
         if target != "channels" and ratio > 0:
             channel_ratio = _solve_channel_ratio(
-                model, example_inputs, importance, ratio, target, ignored_layers=ignored_layers,
-                global_pruning=global_pruning, round_to=round_to, num_heads=num_heads,
-                base=(params_before, macs_before))
+                model,
+                example_inputs,
+                importance,
+                ratio,
+                target,
+                ignored_layers=ignored_layers,
+                global_pruning=global_pruning,
+                round_to=round_to,
+                num_heads=num_heads,
+                base=(params_before, macs_before),
+            )
         compensated = 0
         if channel_ratio > 0 or layer_ratios:
             _, compensated = _run_pruner(
-                model, example_inputs, importance, channel_ratio, ignored_layers=ignored_layers,
-                global_pruning=global_pruning, round_to=round_to, num_heads=num_heads,
-                stats=stats, compensate=compensate, damping=damping, layer_ratios=layer_ratios)
+                model,
+                example_inputs,
+                importance,
+                channel_ratio,
+                ignored_layers=ignored_layers,
+                global_pruning=global_pruning,
+                round_to=round_to,
+                num_heads=num_heads,
+                stats=stats,
+                compensate=compensate,
+                damping=damping,
+                layer_ratios=layer_ratios,
+            )
         if criterion == "taylor":
             model.zero_grad(set_to_none=True)
         n_bn = 0
         if recalibrate_bn and calibration is not None:
-            n_bn = recalibrate_batchnorm(model, calibration, max_batches=max_calibration_batches,
-                                         device=dev)
+            n_bn = recalibrate_batchnorm(
+                model, calibration, max_batches=max_calibration_batches, device=dev
+            )
         model.train(was_training)
         params_after, macs_after = count_params_and_macs(model, example_inputs)
         layers = {}
         for m in model.modules():
-            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and names.get(m) in widths_before:
+            if (
+                isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+                and names.get(m) in widths_before
+            ):
                 now = m.out_channels if hasattr(m, "out_channels") else m.out_features
                 layers[names[m]] = {"before": widths_before[names[m]], "after": now}
         report = PruneReport(
-            criterion=criterion, target=target, ratio=ratio, channel_ratio=channel_ratio,
-            params_before=params_before, params_after=params_after, macs_before=macs_before,
-            macs_after=macs_after, layers=layers, compensated_layers=compensated,
-            calibration_seconds=t_cal, scoring_seconds=t_score,
-            total_seconds=time.perf_counter() - start, bn_recalibrated=n_bn)
+            criterion=criterion,
+            target=target,
+            ratio=ratio,
+            channel_ratio=channel_ratio,
+            params_before=params_before,
+            params_after=params_after,
+            macs_before=macs_before,
+            macs_after=macs_after,
+            layers=layers,
+            compensated_layers=compensated,
+            calibration_seconds=t_cal,
+            scoring_seconds=t_score,
+            total_seconds=time.perf_counter() - start,
+            bn_recalibrated=n_bn,
+        )
     return report

@@ -54,8 +54,9 @@ def train(
     set_seed(seed)
     steps_per_epoch = math.ceil(x.shape[0] / batch_size)
     total = max(1, int(round(epochs * steps_per_epoch)))
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay,
-                          nesterov=True)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True
+    )
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.25)
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(seed)

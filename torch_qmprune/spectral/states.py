@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from torch_qmprune._validation import check_finite
+from torch_qmprune._threads import single_thread
 
 __all__ = ["augment", "operator_matrix", "spectral_state", "spectral_states"]
 
@@ -93,6 +94,10 @@ def _svdvals(mats: Tensor) -> Tensor:
     faster on tall than on wide matrices on CPU)."""
     if mats.shape[-2] < mats.shape[-1]:
         mats = mats.transpose(-2, -1)
+    if mats.dim() > 2 and mats.shape[0] > 1:
+        # a batch of small problems: batched LAPACK under OpenMP thrashes on a loaded machine
+        with single_thread():
+            return torch.linalg.svdvals(mats)
     return torch.linalg.svdvals(mats)
 
 
