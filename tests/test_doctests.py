@@ -13,6 +13,7 @@ MODULES = [
     "torch_qmprune.importance",
     "torch_qmprune.structural",
     "torch_qmprune.serialization",
+    "torch_qmprune.schedule",
 ]
 
 

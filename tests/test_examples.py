@@ -55,3 +55,14 @@ def test_minilm_heads():
     out = _load("minilm_heads").main(["--sentences", "24", "--ratio", "0.5"])
     assert out["heads_after"] == 36
     assert out["cosine_qm"] > 0.5
+
+
+@requires_fmnist
+def test_finetune_loop_quick():
+    out = _load("finetune_loop").main(["--quick"])
+    assert out["speedup"] >= 2.0
+
+
+def test_ddp_prune_quick():
+    out = _load("ddp_prune").main(["--quick"])
+    assert out["match"] is True

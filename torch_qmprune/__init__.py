@@ -90,6 +90,7 @@ from .policy import (
     train_policy,
     uniform_allocation,
 )
+from .schedule import PruningScheduler, rebind_optimizer, rewrap_ddp, schedule_fraction
 from .serialization import load_pruned, save_pruned
 from .spectral import (
     Theorem21Report,
@@ -151,6 +152,8 @@ __all__ = [
     # budget-conditioned policy gate (§4)
     "QuantumPolicyGate", "policy_allocation", "uniform_allocation", "train_policy",
     "PolicyReport",
+    # pruning inside training loops
+    "PruningScheduler", "schedule_fraction", "rebind_optimizer", "rewrap_ddp",
     # time-varying redundancy
     "SpectralTracker", "WindowRecord", "tracker_overhead", "LindbladPredictor", "liouvillian",
     "forecast_channel_redundancy",

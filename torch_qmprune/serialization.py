@@ -91,10 +91,12 @@ def load_pruned(model: nn.Module, source: str | os.PathLike | dict[str, Any]) ->
     for module, leaf, value in plan:
         if leaf in module._parameters:
             old = module._parameters[leaf]
-            module._parameters[leaf] = nn.Parameter(torch.empty_like(value, dtype=old.dtype),
-                                                    requires_grad=old.requires_grad)
+            module._parameters[leaf] = nn.Parameter(
+                torch.empty_like(value, dtype=old.dtype, device=old.device),
+                requires_grad=old.requires_grad)
         else:
-            module._buffers[leaf] = torch.empty_like(value, dtype=module._buffers[leaf].dtype)
+            old = module._buffers[leaf]
+            module._buffers[leaf] = torch.empty_like(value, dtype=old.dtype, device=old.device)
     for name, attrs in state["attributes"].items():
         for attr, value in attrs.items():
             setattr(modules[name], attr, value)

@@ -322,7 +322,8 @@ def _solve_channel_ratio(
     # Torch-Pruning skips a layer whose ratio would leave no channel, so the reachable maximum
     # is not at ratio→1: take the best of a few high ratios as the upper end.
     lo, hi, best = 0.0, 0.9, removed(0.9)
-    for cand in (0.95, 0.98):
+    # narrow layers (< 10 channels) are skipped at 0.9 already: try lower ends too
+    for cand in (0.95, 0.98, 0.8, 0.6):
         if best >= goal:
             break
         value = removed(cand)
