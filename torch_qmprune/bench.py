@@ -181,6 +181,11 @@ def _cell(values: Sequence[float] | None, show_std: bool) -> str:
     return f"{mean:.2f}"
 
 
+def _load(env: dict[str, Any], when: str) -> str:
+    value = env.get(f"load_average_at_{when}")
+    return f"{value[0]:.1f}" if value else "?"
+
+
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
@@ -483,6 +488,22 @@ def where_we_lose(payload: dict[str, Any], ours: str = "qm") -> list[dict[str, A
     return losses
 
 
+def _identical_criteria(payload: dict[str, Any]) -> list[list[str]]:
+    """Groups of criteria whose every measured value is identical (e.g. l2 and lamp)."""
+    crits = payload["config"]["criteria"]
+
+    def signature(c: str) -> str:
+        return json.dumps({v: {k: {ph: x.get("values") for ph, x in cell.items()}
+                               for k, cell in payload["results"][v][c].items()}
+                           for v in payload["config"]["variants"]}, sort_keys=True)
+
+    groups: dict[str, list[str]] = {}
+    for c in crits:
+        if c not in STOCHASTIC_CRITERIA:
+            groups.setdefault(signature(c), []).append(c)
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def _level_label(payload: dict, key: str) -> str:
     lv = payload["levels"][key]
     return lv["label"] if lv.get("target") == "macs" else f"s = {lv['label']}"
@@ -539,16 +560,14 @@ def render_table1_md(payload: dict[str, Any]) -> str:
             lines.append(f"| {lv['label']} | unreachable: {lv['unreachable']} | | |")
     lines.append("")
 
-    header = "| criterion | " + " | ".join(_level_label(payload, k) for k in keys) + " |"
-    sep = "|---|" + "---|" * len(keys)
     paper_keys = {k: payload["levels"][k]["value"] for k in keys
                   if payload["levels"][k]["target"] == "params"}
 
-    def paper_rows() -> list[str]:
+    def paper_rows(cols: Sequence[str]) -> list[str]:
         rows = []
         for name, row in PAPER_TABLE1.items():
             cells = []
-            for k in keys:
+            for k in cols:
                 v = paper_keys.get(k)
                 cells.append(f"*{row[v]:.2f}*" if v in row else "")
             rows.append(f"| *paper {name} (ResNet-18, approximated)* | " + " | ".join(cells) + " |")
@@ -556,14 +575,18 @@ def render_table1_md(payload: dict[str, Any]) -> str:
 
     for phase, title in (("oneshot", "one-shot (no fine-tuning)"),
                          ("finetuned", f"after {cfg['finetune_epochs']:g} epoch of fine-tuning")):
+        pkeys = [k for k in keys if any(_values(payload, v, c, k, phase)
+                                        for v in cfg["variants"] for c in crits)]
+        header = "| criterion | " + " | ".join(_level_label(payload, k) for k in pkeys) + " |"
+        sep = "|---|" + "---|" * len(pkeys)
         for variant in cfg["variants"]:
             rows = []
             for c in crits:
-                vals = [_values(payload, variant, c, k, phase) for k in keys]
+                vals = [_values(payload, variant, c, k, phase) for k in pkeys]
                 if not any(vals):
                     continue
                 best_here = []
-                for j, k in enumerate(keys):
+                for j, k in enumerate(pkeys):
                     col = [_mean_std(_values(payload, variant, cc, k, phase))[0] for cc in crits
                            if _values(payload, variant, cc, k, phase)]
                     best_here.append(bool(vals[j]) and col and
@@ -578,8 +601,15 @@ def render_table1_md(payload: dict[str, Any]) -> str:
                 continue
             lines += [f"## {variant} — {title}", "", header, sep, *rows]
             if phase == "oneshot" and paper_keys:
-                lines += paper_rows()
+                lines += paper_rows(pkeys)
             lines.append("")
+    same = _identical_criteria(payload)
+    if same:
+        pairs = "; ".join(" = ".join(group) for group in same)
+        lines += [f"Identical in every cell: {pairs}."
+                  + (" With per-layer pruning LAMP's score is a monotone function of the "
+                     "squared L2 magnitude within each layer, so it removes the same channels as "
+                     "L2." if any({"l2", "lamp"} <= set(g) for g in same) else ""), ""]
     lines += ["Bold: best measured criterion of the column. *Italic*: the paper's Table 1 "
               "(ResNet-18; the paper says these accuracies were \"approximated based on the FS "
               "distance and the remaining parameter ratio\" — they were not measured, and the "
@@ -635,14 +665,15 @@ def render_table1_md(payload: dict[str, Any]) -> str:
         f"Hardware: {env['cpu_model']}, {env['cpu_count']} CPU cores "
         f"(torch threads {env['torch_threads']}), device `{env['device']}`"
         + (f" ({env['cuda_device']})" if env.get("cuda_device") else "")
-        + f"; shared with other jobs (load average {env.get('load_average_at_start', ['?'])[0]}"
-          " at start), so wall times are indicative only.", "",
+        + f"; shared with other jobs (1-minute load average {_load(env, 'start')} at start, "
+          f"{_load(env, 'end')} at the end, on 2 cores), so wall times are indicative only.", "",
         f"Software: Python {env['python']}, torch {env['torch']}, torchvision "
         f"{env.get('torchvision', '?')}, torch-pruning {env['torch_pruning']}.", "",
         f"Wall time: {payload.get('wall_seconds', math.nan):.0f} s "
         f"({len(payload['runs'])} evaluated runs; per-run times in the JSON).", "",
         "The issue's full ResNet-18 run (stride-1 stem, 8-epoch baseline, SCIENCE.md §3's H100 "
-        "set-up) was not possible in this session: no GPU was lent to it. On a GPU it is:", "",
+        "set-up) was not run: this session had no GPU to run it on. On a GPU machine it is:",
+        "",
         f"    {GPU_TABLE1_COMMAND}", "",
     ]
     return "\n".join(lines)
@@ -973,8 +1004,9 @@ def render_speed_md(payload: dict[str, Any]) -> str:
     lines = ["# Speed: spectral scoring, calibration, prune() and real latency", "",
              f"Every time is the median of {cfg['repeats']} repeats in one process on "
              f"{env['cpu_model']} ({env['cpu_count']} cores, torch threads "
-             f"{env['torch_threads']}); the machine was shared with other jobs (load average "
-             f"{env.get('load_average_at_start', ['?'])[0]} at start), so absolute times are "
+             f"{env['torch_threads']}); the machine was shared with other jobs (1-minute load "
+             f"average {_load(env, 'start')} at start, {_load(env, 'end')} at the end), so "
+             "absolute times are "
              "indicative and ratios are the figures to read. Models: torchvision with "
              "`weights=None` (scoring cost does not depend on the values); scoring = calling "
              "the importance on every group of `DependencyGraph.get_all_groups` (last Linear "
@@ -1079,15 +1111,38 @@ def render_speed_md(payload: dict[str, Any]) -> str:
               f"Software: Python {env['python']}, torch {env['torch']}, torchvision "
               f"{env.get('torchvision', '?')}, torch-pruning {env['torch_pruning']}. "
               f"Wall time {payload.get('wall_seconds', math.nan):.0f} s.", "",
-              "No GPU was lent to this session, so the CUDA batch-256 latency was skipped; on a "
-              "GPU machine: `python -m torch_qmprune.bench speed --models resnet18,resnet50 "
-              "--out docs/results/gpu_speed` (the CUDA row is added automatically).", ""]
+              ]
+    if not any(lat["device"] != "cpu" for res in payload["models"].values()
+               for lat in res["latency"]):
+        lines += ["No GPU was available to this run, so the CUDA batch-"
+                  f"{cfg['cuda_batch']} latency was skipped; on a GPU machine: `python -m "
+                  "torch_qmprune.bench speed --models resnet18,resnet50 --out "
+                  "docs/results/gpu_speed` (the CUDA row is added automatically).", ""]
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------
+
+
+def run_render(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Re-write the Markdown (and, for ``table1``, the PNG) of an existing results JSON."""
+    path = Path(args.json)
+    payload = json.loads(path.read_text())
+    out = Path(args.out) if args.out else path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    args.out, args.name = str(out), path.stem
+    if payload.get("benchmark") == "table1":
+        payload["where_we_lose"] = where_we_lose(payload)
+        (out / f"{path.stem}.md").write_text(render_table1_md(payload))
+        plot_table1(payload, out / f"{path.stem}.png")
+        args.render_png = True
+    elif payload.get("benchmark") == "speed":
+        (out / f"{path.stem}.md").write_text(render_speed_md(payload))
+    else:
+        raise ValueError(f"{path} is not a table1 or speed results file")
+    return payload
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1153,6 +1208,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", default="speed")
     sp.add_argument("--no-progress", action="store_true")
     sp.set_defaults(func=run_speed)
+
+    rd = sub.add_parser("render", help="re-write the .md (and .png) of a results JSON")
+    rd.add_argument("json", help="a table1 or speed JSON written by this module")
+    rd.add_argument("--out", default=None, help="folder (default: the JSON's)")
+    rd.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    rd.set_defaults(func=run_render)
     return parser
 
 
@@ -1172,8 +1233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     md = out / f"{args.name}.md"
     print(md.read_text())
-    print(f"wrote {out / (args.name + '.json')}, {md}"
-          + (f", {out / (args.name + '.png')}" if args.command == "table1" else ""))
+    print(f"wrote {'' if args.command == 'render' else str(out / (args.name + '.json')) + ', '}{md}"
+          + (f", {out / (args.name + '.png')}"
+             if args.command == "table1" or getattr(args, "render_png", False) else ""))
     return 0 if payload is not None else 1
 
 
