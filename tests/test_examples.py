@@ -63,6 +63,9 @@ def test_finetune_loop_quick():
     assert out["speedup"] >= 2.0
 
 
-def test_ddp_prune_quick():
-    out = _load("ddp_prune").main(["--quick"])
+def test_ddp_prune_quick(monkeypatch):
+    # spawned workers re-import the example by module name: import it from sys.path, not by file
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    ddp_prune = importlib.import_module("ddp_prune")
+    out = ddp_prune.main(["--quick"])
     assert out["match"] is True
