@@ -63,9 +63,12 @@ def test_finetune_loop_quick():
     assert out["speedup"] >= 2.0
 
 
-def test_ddp_prune_quick(monkeypatch):
-    # spawned workers re-import the example by module name: import it from sys.path, not by file
-    monkeypatch.syspath_prepend(str(EXAMPLES))
-    ddp_prune = importlib.import_module("ddp_prune")
-    out = ddp_prune.main(["--quick"])
-    assert out["match"] is True
+def test_ddp_prune_quick():
+    # in its own interpreter: two DDP process groups in one pytest process can abort in gloo
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "ddp_prune.py"), "--quick"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ranks agree: True" in proc.stdout
