@@ -132,6 +132,20 @@ def _dist_version(dist: str, fallback: str) -> str:
         return fallback
 
 
+def _source_fingerprint() -> dict[str, str]:
+    """sha256 (first 12 hex digits) of the library's pruning sources, so that results can be
+    matched to the code that produced them while the code is still changing."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent
+    out = {}
+    for name in ("structural.py", "importance.py", "calibration.py", "methods.py", "bench.py"):
+        path = root / name
+        if path.exists():
+            out[name] = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return out
+
+
 def environment(device: str) -> dict[str, Any]:
     """Versions and hardware, for every results file."""
     import torch_pruning as tp
@@ -156,6 +170,7 @@ def environment(device: str) -> dict[str, Any]:
         pass
     with contextlib.suppress(OSError):
         env["load_average_at_start"] = list(os.getloadavg())
+    env["library_sources"] = _source_fingerprint()
     return env
 
 
@@ -938,8 +953,9 @@ def _speed_one(name: str, args: argparse.Namespace, criteria: Sequence[str],
     for bs in batches:
         x = torch.randn(bs, *shape)
         with torch.no_grad():
-            dense_t, _ = _median_time(lambda x=x: model(x), args.repeats, warmup=1)
-            pruned_t, _ = _median_time(lambda x=x: pruned(x), args.repeats, warmup=1)
+            reps = args.latency_repeats or args.repeats
+            dense_t, _ = _median_time(lambda x=x: model(x), reps, warmup=1)
+            pruned_t, _ = _median_time(lambda x=x: pruned(x), reps, warmup=1)
         latency.append({"device": "cpu", "batch": bs, "dense_ms": 1e3 * dense_t,
                         "pruned_ms": 1e3 * pruned_t,
                         "speedup": dense_t / max(pruned_t, 1e-12),
@@ -977,6 +993,7 @@ def run_speed(args: argparse.Namespace, argv: Sequence[str] | None = None) -> di
                    "repeats": args.repeats, "calibration_size": args.calibration_size,
                    "calibration_batch": args.calibration_batch, "input_size": args.input_size,
                    "channel_ratio": args.ratio, "latency_batches": batches,
+                   "latency_repeats": args.latency_repeats or args.repeats,
                    "cuda_batch": args.cuda_batch,
                    "calibration_data": "standard-normal random images (no ImageNet here); "
                                        "timings do not depend on the values",
@@ -1065,7 +1082,8 @@ def render_speed_md(payload: dict[str, Any]) -> str:
                          "the full `qm` prune was not run because its scoring exceeded "
                          "--scoring-cap)" if est else "") + ".", ""]
         lines += [f"Latency of {res.get('latency_model', 'the pruned model')} against the dense "
-                  "one:", ""]
+                  f"one (median of {cfg.get('latency_repeats', cfg['repeats'])} forward passes "
+                  "after one warm-up):", ""]
         lines += ["| device | batch | dense (ms) | pruned (ms) | real speed-up | MACs ratio |",
                   "|---|---|---|---|---|---|"]
         for lat in res["latency"]:
@@ -1074,7 +1092,11 @@ def render_speed_md(payload: dict[str, Any]) -> str:
                          f"{lat['macs_ratio']:.2f}× |")
         if "cuda_latency" in res:
             lines.append(f"| cuda | {cfg['cuda_batch']} | – | – | {res['cuda_latency']} | |")
-        lines.append("")
+        lines += ["", "Real speed-up trails the MACs ratio: per-layer pruning leaves odd channel "
+                  "counts that CPU kernels handle less efficiently, and at batch 1 the fixed "
+                  "per-layer overheads weigh more. Batch-1 CPU latency on a shared machine is "
+                  "the least stable figure here (OpenMP threads wait for cores held by other "
+                  "jobs); the batch-64 row is the one to read.", ""]
         lb = res.get("literal_breakdown")
         if lb:
             lines += [f"Where `literal`'s time goes (one pass, {lb['literal_seconds']:.2f} s): "
@@ -1103,9 +1125,9 @@ def render_speed_md(payload: dict[str, Any]) -> str:
               "batched SVD of every filter plus pairwise distances and a greedy sibling order "
               "(one Python step per channel); `loo` needs one SVD of the whole (wide) layer "
               "matrix per channel, i.e. O(C_out) SVDs per layer; `qm` runs an exact greedy "
-              "merge order with a downdated inverse Gram per consumer (float64), which is "
-              "cheap for conv consumers but costly where a consumer reads many inputs per "
-              "channel (a flatten into a Linear). The timings above say which part dominates.",
+              "merge order with a downdated inverse Gram per consumer (float64), whose cost grows "
+              "with the consumer's input width (a flatten into a Linear is the expensive "
+              "case). The timings above say which part dominates.",
               ""]
     lines += ["## How this was produced", "", f"Command: `{payload['command']}`", "",
               f"Software: Python {env['python']}, torch {env['torch']}, torchvision "
@@ -1200,6 +1222,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--input-size", type=int, default=224)
     sp.add_argument("--ratio", type=float, default=0.5, help="channel ratio for prune/latency")
     sp.add_argument("--latency-batches", default="1,64")
+    sp.add_argument("--latency-repeats", type=int, default=None,
+                    help="timed forward passes per latency figure (default: --repeats)")
     sp.add_argument("--cuda-batch", type=int, default=256)
     sp.add_argument("--svd-analysis", action=argparse.BooleanOptionalAction, default=True)
     sp.add_argument("--seed", type=int, default=0)
