@@ -64,7 +64,7 @@ from ._validation import check_ratio
 from .calibration import CalibrationStats, InputGram, _forward, iter_calibration
 from .importance import _order_to_scores, greedy_merge_costs
 from .methods import _greedy_sibling_order
-from .operators import OperatorView, _head_views, head_matrices, register_operator
+from .operators import OperatorView, _bert_parts, _head_views, head_matrices, register_operator
 from .spectral import pairwise_fubini_study, spectral_states
 from .structural import compensate_group
 
@@ -274,18 +274,12 @@ class _Site:
 
 
 def _bert_inner(module: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
-    """``(self_attention, output.dense)`` of a BERT-style attention block, else ``None``."""
-    inner = module._modules.get("self")
-    output = module._modules.get("output")
-    dense = None if output is None else output._modules.get("dense")
-    if inner is None or not isinstance(dense, nn.Linear):
+    """``(self_attention, output.dense)`` of a BERT-style attention block, else ``None``
+    (operators' structural test, plus the head size that head removal needs)."""
+    parts = _bert_parts(module)
+    if parts is None or not isinstance(getattr(parts[0], "attention_head_size", None), int):
         return None
-    if not all(isinstance(inner._modules.get(p), nn.Linear) for p in ("query", "key", "value")):
-        return None
-    if not all(isinstance(getattr(inner, a, None), int)
-               for a in ("num_attention_heads", "attention_head_size")):
-        return None
-    return inner, dense
+    return parts
 
 
 def _sites(model: nn.Module) -> list[_Site]:
