@@ -151,6 +151,61 @@ def test_latency_allocation_errors():
     with pytest.raises(ValueError, match="ratio"):
         latency_allocation(net, x, 1.5, "ascend")
     with pytest.raises(ValueError, match="target"):
-        latency_allocation(net, x, 0.5, "ascend", target="latency")
+        latency_allocation(net, x, 0.5, "ascend", target="flops")
     with pytest.raises(ValueError, match="cannot be reached"):
         latency_allocation(net, x, 0.97, "ascend", max_ratio=0.5)
+
+
+def test_prune_latency_target_meets_estimated_latency_and_skews_to_costly_layers():
+    x = torch.randn(1, 3, 8, 8)
+    profile = {"name": "test", "source": "constructed", "costs": {"conv": 4.0, "linear": 1.0}}
+    net = _two_layer()
+    before = estimate_latency(net, x, profile)["total"]
+    report = prune(net, x, 0.4, target="latency", device_profile=profile, criterion="l1",
+                   compensate=False)
+    after = estimate_latency(net, x, profile)["total"]
+    assert report.allocation == "latency" and report.target == "latency"
+    assert abs(after / (0.6 * before) - 1) <= 0.02
+    assert report.allocation_info["after"] == pytest.approx(after)
+    kept_conv = net[0].out_channels / 64
+    kept_fc = net[4].out_features / 128
+    assert kept_conv < kept_fc - 0.05          # the costly conv gave more
+    assert net(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
+def test_prune_latency_allocation_with_macs_target_beats_uniform_on_estimate():
+    x = torch.randn(1, 3, 8, 8)
+    profile = {"name": "test", "source": "constructed", "costs": {"conv": 4.0, "linear": 1.0}}
+    aware, uniform = _two_layer(), _two_layer()
+    _, macs0 = count_params_and_macs(aware, x)
+    prune(aware, x, 0.5, target="macs", allocation="latency", device_profile=profile,
+          criterion="l1", compensate=False)
+    prune(uniform, x, 0.5, target="macs", criterion="l1", compensate=False)
+    for net in (aware, uniform):
+        assert abs(count_params_and_macs(net, x)[1] / (0.5 * macs0) - 1) <= 0.03
+    assert (estimate_latency(aware, x, profile)["total"]
+            < 0.98 * estimate_latency(uniform, x, profile)["total"])
+
+
+def test_prune_allocation_argument_errors_leave_model_unchanged():
+    x = torch.randn(1, 3, 8, 8)
+    net = _two_layer()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match="device_profile"):
+        prune(net, x, 0.5, target="latency", criterion="l1", compensate=False)
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        prune(net, x, 0.5, allocation="fastest", criterion="l1", compensate=False)
+    with pytest.raises(ValueError, match="disagree"):
+        prune(net, x, 0.3, budget=0.5, criterion="l1", compensate=False)
+    with pytest.raises(ValueError, match="budget"):
+        prune(net, x, budget=1.5, criterion="l1", compensate=False)
+    with pytest.raises(ValueError, match="layer_ratios"):
+        prune(net, x, 0.5, allocation="latency", device_profile="ascend",
+              layer_ratios={net[0]: 0.5}, criterion="l1", compensate=False)
+    with pytest.raises(ValueError, match="only apply"):
+        prune(net, x, 0.5, device_profile="ascend", criterion="l1", compensate=False)
+    with pytest.raises(ValueError, match="cannot be reached"):   # raised inside the allocator
+        prune(net, x, 0.97, target="latency", device_profile="ascend", criterion="l1",
+              compensate=False, allocation_kwargs={"max_ratio": 0.5})
+    assert net[0].out_channels == 64
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())

@@ -241,3 +241,26 @@ def test_heldout_accuracy_proxy_matches_an_explicit_fit_and_exposes_in_sample_op
         assert abs(float(prob.accuracy[0, level]) - expect) < 1e-3 * expect + 1e-7
     # fitted and scored on the same samples, the merge looks free; on held-out data it is not
     assert float(greedy.accuracy[0, 1]) < 0.25 * float(prob.accuracy[0, 1])
+
+
+def test_prune_with_policy_allocation_meets_the_budget_through_the_public_call():
+    torch.manual_seed(0)
+    model = small_cnn().eval()
+    x = torch.randn(1, 1, 28, 28)
+    calib = torch.randn(64, 1, 28, 28)
+    report = prune(model, x, target="macs", allocation="policy", budget=0.4, calibration=calib,
+                   allocation_kwargs={"steps": 20, "seed": 1})
+    assert report.allocation == "policy" and report.ratio == pytest.approx(0.6)
+    assert abs(report.macs_after / report.macs_before / 0.4 - 1) <= 0.02
+    assert abs(report.allocation_info["achieved"] / 0.4 - 1) <= 0.02
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    # the policy's per-layer widths are the ones prune applied
+    for name, layer in report.allocation_info["layers"].items():
+        assert report.layers[name]["after"] == layer["kept"]
+
+
+def test_prune_policy_allocation_rejects_latency_target():
+    model = small_cnn().eval()
+    with pytest.raises(ValueError, match="target='latency'"):
+        prune(model, torch.randn(1, 1, 28, 28), 0.5, target="latency", allocation="policy",
+              calibration=torch.randn(8, 1, 28, 28))

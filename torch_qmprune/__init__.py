@@ -115,7 +115,14 @@ from .spectral import (
     wasserstein2,
     wasserstein2_states,
 )
-from .structural import PruneReport, compensate_group, count_params_and_macs, prune
+from .structural import (
+    PruneReport,
+    available_allocations,
+    compensate_group,
+    count_params_and_macs,
+    prune,
+    register_allocation,
+)
 
 __version__ = "0.1.0"
 
@@ -137,7 +144,8 @@ __all__ = [
     "l1_unstructured", "random_structured", "ln_structured", "custom_from_mask", "remove",
     "is_pruned",
     # physical pruning
-    "prune", "PruneReport", "SpectralImportance", "greedy_merge_costs", "compensate_group",
+    "prune", "PruneReport", "register_allocation", "available_allocations",
+    "SpectralImportance", "greedy_merge_costs", "compensate_group",
     "collect_input_grams", "CalibrationStats", "recalibrate_batchnorm", "count_params_and_macs",
     "save_pruned", "load_pruned",
     # heads

@@ -558,7 +558,9 @@ def _groups(model: nn.Module, example_inputs: Any, ignored: Sequence[nn.Module])
 
 
 def _dry_run_count(model: nn.Module, example_inputs: Any, ratios: Mapping[nn.Module, float],
-                   ignored: Sequence[nn.Module], round_to: int | None, index: int) -> int:
+                   ignored: Sequence[nn.Module], round_to: int | None, index: int,
+                   kappa: Mapping[str, float] | None = None) -> float:
+    """Params (``index`` 0), MACs (1) or estimated latency Σ κ·MACs (2) of a pruned copy."""
     import torch_pruning as tp
 
     trial = copy.deepcopy(model)
@@ -568,6 +570,9 @@ def _dry_run_count(model: nn.Module, example_inputs: Any, ratios: Mapping[nn.Mod
         pruning_ratio=0.0, pruning_ratio_dict={mapping[m]: r for m, r in ratios.items() if r > 0},
         ignored_layers=[mapping[m] for m in ignored], round_to=round_to)
     pruner.step()
+    if index == 2:
+        traced = _trace_layers(trial, example_inputs)
+        return float(sum((kappa or {}).get(n, 1.0) * e["macs"] for n, e in traced.items()))
     macs, params = tp.utils.count_ops_and_params(trial, example_inputs)
     return int(params) if index == 0 else int(macs)
 
@@ -633,8 +638,8 @@ def latency_allocation(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     ratio = check_ratio(ratio, "ratio")
-    if target not in ("macs", "params"):
-        raise ValueError(f"target must be 'macs' or 'params', got {target!r}")
+    if target not in ("macs", "params", "latency"):
+        raise ValueError(f"target must be 'macs', 'params' or 'latency', got {target!r}")
     for value, name in ((strength, "strength"), (tolerance, "tolerance")):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
                 math.isfinite(value) and value >= 0):
@@ -666,11 +671,16 @@ def latency_allocation(
             macs_w.append(mac)
         mean = sum(w * m for w, m in zip(weights, macs_w)) / max(1e-300, sum(macs_w))
         rel = [((w / mean) if mean > 0 else 1.0) ** float(strength) for w in weights]
-        index = 0 if target == "params" else 1
+        index = {"params": 0, "macs": 1, "latency": 2}[target]
         import torch_pruning as tp
 
         base_macs, base_params = tp.utils.count_ops_and_params(model, example_inputs)
-        base = int(base_params) if index == 0 else int(base_macs)
+        if index == 2:  # estimated latency Σ κ_layer · MACs_layer (Eq. 9's costs, §5)
+            base = sum(kappa[n] * e["macs"] for n, e in traced.items())
+            if not base > 0:
+                raise ValueError("the model has no Conv/Linear MACs to estimate latency from")
+        else:
+            base = int(base_params) if index == 0 else int(base_macs)
         goal = (1.0 - ratio) * base
 
         def ratios_at(scale: float) -> dict[nn.Module, float]:
@@ -681,15 +691,17 @@ def latency_allocation(
                     out[m] = r
             return out
 
-        def count(scale: float) -> int:
+        def count(scale: float) -> float:
             return _dry_run_count(model, example_inputs, ratios_at(scale), ignored, round_to,
-                                  index)
+                                  index, kappa)
 
         # analytic model of the count: a layer keeps int(n(1−r))/n of its output channels and
         # of its input channels (Torch-Pruning's local rule); used to bisect fast, then checked
         # (and the goal corrected) on real dry runs of the pruner.
-        layer_cost = {e["module"]: (e["macs"] if index == 1 else sum(
-            p.numel() for p in e["module"].parameters(recurse=False))) for e in traced.values()}
+        layer_cost = {e["module"]: (
+            e["macs"] if index == 1 else kappa[n] * e["macs"] if index == 2 else sum(
+                p.numel() for p in e["module"].parameters(recurse=False)))
+            for n, e in traced.items()}
 
         def analytic(scale: float) -> float:
             kept = [int(n * (1 - min(max_ratio, scale * w))) / n
@@ -759,3 +771,26 @@ def latency_allocation(
                          f"{achieved_count:,} vs goal {goal:,.0f} (channel granularity); try "
                          f"a larger tolerance or round_to=None")
     return alloc
+
+
+def _latency_allocator(model: nn.Module, example_inputs: Any, *, ratio: float, target: str,
+                       device_profile: Any, ignored_layers: Sequence[nn.Module] | None,
+                       round_to: int | None, **kwargs: Any
+                       ) -> tuple[dict[nn.Module, float], dict[str, Any]]:
+    """``prune(..., allocation="latency")``: :func:`latency_allocation` on prune's arguments
+    (``target="channels"`` is read as MACs; calibration / device / budget are not used)."""
+    for unused in ("calibration", "device", "budget"):
+        kwargs.pop(unused, None)
+    alloc = latency_allocation(model, example_inputs, ratio, device_profile,
+                               target="macs" if target == "channels" else target,
+                               ignored_layers=ignored_layers, round_to=round_to, **kwargs)
+    return dict(alloc), alloc.info
+
+
+def _register() -> None:
+    from .structural import register_allocation
+
+    register_allocation("latency", _latency_allocator, overwrite=True)
+
+
+_register()

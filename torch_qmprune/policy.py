@@ -1429,3 +1429,32 @@ def uniform_allocation(
         correction_seconds=time.perf_counter() - t0)
     ratios = {m: ratio_for_keep(k, n) for m, k, n in zip(problem.modules, counts, problem.channels)}
     return ratios, report
+
+
+def _policy_allocator(model: nn.Module, example_inputs: Any, *, ratio: float, target: str,
+                      calibration: Any, ignored_layers: Sequence[nn.Module] | None,
+                      device: Any, budget: float | None, **kwargs: Any
+                      ) -> tuple[dict[nn.Module, float], dict[str, Any]]:
+    """``prune(..., allocation="policy", budget=...)``: :func:`policy_allocation` with
+    ``budget = 1 - ratio`` of ``target`` ("macs" or "params"; "channels" is read as MACs)."""
+    for unused in ("device_profile", "round_to"):
+        kwargs.pop(unused, None)
+    resource = "macs" if target == "channels" else target
+    if resource not in RESOURCES:
+        raise ValueError(f"allocation='policy' budgets one of {RESOURCES}, got target="
+                         f"{target!r}")
+    ratios, report = policy_allocation(model, example_inputs, 1.0 - ratio, calibration=calibration,
+                                       resource=resource, ignored_layers=ignored_layers,
+                                       device=device, **kwargs)
+    info = report.to_dict()
+    info.pop("history", None)
+    return ratios, info
+
+
+def _register() -> None:
+    from .structural import register_allocation
+
+    register_allocation("policy", _policy_allocator, overwrite=True)
+
+
+_register()

@@ -12,7 +12,7 @@ import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch_pruning as tp
@@ -35,11 +35,55 @@ __all__ = [
     "TP_CRITERIA",
     "QM_CRITERIA",
     "count_params_and_macs",
+    "register_allocation",
+    "available_allocations",
 ]
 
 TP_CRITERIA = ("l1", "l2", "fpgm", "lamp", "taylor", "random")
 QM_CRITERIA = ("qm", "literal", "loo", "hybrid")
-TARGETS = ("channels", "params", "macs")
+TARGETS = ("channels", "params", "macs", "latency")
+
+#: ``allocation name -> allocator``; an allocator turns ``prune``'s arguments into per-layer
+#: channel ratios (``{layer: ratio}``) plus an info dict. Higher layers of the package register
+#: theirs (``"latency"`` from :mod:`torch_qmprune.hardware`, ``"policy"`` from
+#: :mod:`torch_qmprune.policy`) so this module never imports them.
+Allocator = Callable[..., "tuple[Mapping[nn.Module, float], dict[str, Any]]"]
+_ALLOCATIONS: dict[str, Allocator] = {}
+
+
+def register_allocation(name: str, allocator: Allocator, *, overwrite: bool = False) -> None:
+    """Teach :func:`prune` a new ``allocation=`` strategy (per-layer channel ratios).
+
+    ``allocator(model, example_inputs, *, ratio, target, calibration, ignored_layers, round_to,
+    device, device_profile, budget, **allocation_kwargs)`` must leave ``model`` unchanged and
+    return ``({layer: channel_ratio}, info)``; :func:`prune` then removes channels with those
+    ratios through its usual pipeline (criterion, merging, BatchNorm re-estimation).
+
+    Example:
+        >>> def half_first_conv(model, example_inputs, **kw):
+        ...     conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        ...     return {conv: 0.5}, {"note": "only the first conv"}
+        >>> register_allocation("first-conv", half_first_conv, overwrite=True)
+        >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                     nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
+        >>> rep = prune(net, torch.randn(1, 1, 8, 8), criterion="l1", compensate=False,
+        ...             allocation="first-conv")
+        >>> net[0].out_channels, net[2].out_channels, rep.allocation
+        (4, 8, 'first-conv')
+    """
+    if not isinstance(name, str) or not name or name == "uniform":
+        raise ValueError(f"allocation name must be a non-empty string other than 'uniform', "
+                         f"got {name!r}")
+    if not callable(allocator):
+        raise TypeError(f"allocator must be callable, got {type(allocator).__name__}")
+    if name in _ALLOCATIONS and not overwrite and _ALLOCATIONS[name] is not allocator:
+        raise ValueError(f"allocation {name!r} is already registered; pass overwrite=True")
+    _ALLOCATIONS[name] = allocator
+
+
+def available_allocations() -> list[str]:
+    """Names ``prune(..., allocation=...)`` accepts: ``"uniform"`` plus the registered ones."""
+    return ["uniform", *sorted(_ALLOCATIONS)]
 
 
 @dataclass
@@ -60,6 +104,9 @@ class PruneReport:
     scoring_seconds: float = 0.0
     total_seconds: float = 0.0
     bn_recalibrated: int = 0
+    allocation: str = "uniform"
+    allocation_info: dict[str, Any] = field(default_factory=dict)
+    allocation_seconds: float = 0.0
 
     @property
     def param_sparsity(self) -> float:
@@ -346,7 +393,7 @@ def _solve_channel_ratio(
 def prune(
     model: nn.Module,
     example_inputs: Any,
-    ratio: float = 0.5,
+    ratio: float | None = None,
     *,
     target: str = "channels",
     criterion: str = "qm",
@@ -363,6 +410,10 @@ def prune(
     importance_kwargs: dict[str, Any] | None = None,
     damping: float = 1e-4,
     layer_ratios: dict[nn.Module, float] | None = None,
+    allocation: str | None = None,
+    device_profile: Any = None,
+    budget: float | None = None,
+    allocation_kwargs: dict[str, Any] | None = None,
     atomic_update: bool = True,
 ) -> PruneReport:
     """Physically remove channels from ``model`` in place (one shot), merging them into siblings.
@@ -370,10 +421,13 @@ def prune(
     Args:
         model: any network Torch-Pruning can trace (ResNets, ViTs, MLPs, ...).
         example_inputs: a tensor (or tuple/dict) the model accepts, for tracing and counting.
-        ratio: fraction to remove, of channels (``target="channels"``), parameters
-            (``"params"``, the paper's sparsity) or MACs (``"macs"``; 0.5 = 2× fewer MACs).
+        ratio: fraction to remove (default 0.5, or ``1 - budget``), of channels
+            (``target="channels"``), parameters (``"params"``, the paper's sparsity), MACs
+            (``"macs"``; 0.5 = 2× fewer MACs) or estimated latency (``"latency"``: Σ c·MACs
+            under ``device_profile``, §5).
         target: what ``ratio`` measures; for params/MACs the per-layer channel ratio is solved
-            by bisection on scored copies of the model.
+            by bisection on scored copies of the model; ``"latency"`` needs ``device_profile``
+            and uses the latency-aware allocation.
         criterion: ``"qm"`` (default: activation-state redundancy, see
             :class:`~torch_qmprune.SpectralImportance`), ``"literal"`` (paper §3.1 sibling FS
             distance), ``"loo"``, ``"hybrid"``, or Torch-Pruning's ``"l1"``, ``"l2"``,
@@ -396,6 +450,19 @@ def prune(
             the mean diagonal of the Gram (guards against dead channels and few samples).
         layer_ratios: ``{layer: channel ratio}`` overriding ``ratio`` for those layers (what
             the latency-aware and policy allocations produce); ``target`` must be "channels".
+        allocation: how the ratio is spread over layers: ``"uniform"`` (default: one ratio
+            per layer, or one global ranking), ``"latency"`` (§5: more removed where the
+            profile's cost per MAC is higher; :func:`~torch_qmprune.hardware.latency_allocation`)
+            or ``"policy"`` (§4: the budget-conditioned quantum policy gate;
+            :func:`~torch_qmprune.policy.policy_allocation`), or a name given to
+            :func:`register_allocation`. ``target="latency"`` implies ``"latency"``.
+        device_profile: cost profile for ``"latency"``: ``"measure"`` (time this model's
+            layers on ``example_inputs`` now), a shipped name (``"ascend"``, ...), a JSON path or
+            a dict (see :func:`~torch_qmprune.hardware.load_profile`).
+        budget: fraction of the resource to *keep* (the policy gate's budget token, Eq. 8);
+            same as ``ratio=1 - budget``.
+        allocation_kwargs: extra keyword arguments for the allocator (``strength``,
+            ``max_ratio``, ``steps``, ``seed``, ``tolerance``, ...).
         atomic_update: on any error, restore the model exactly as it was (one weight copy).
 
     Returns:
@@ -410,6 +477,9 @@ def prune(
         (4, torch.Size([64, 3]))
     """
     start = time.perf_counter()
+    ratio, allocation = _resolve_ratio_and_allocation(
+        ratio, budget, target, allocation, device_profile, layer_ratios, allocation_kwargs
+    )
     ratio = _validate(model, ratio, target, criterion, calibration, compensate)
     layer_ratios = dict(layer_ratios or {})
     if layer_ratios and target != "channels":
@@ -434,6 +504,18 @@ def prune(
     with atomic(model, enabled=atomic_update):
         was_training = model.training
         model.eval()
+        allocation_info: dict[str, Any] = {}
+        t_alloc = 0.0
+        if allocation != "uniform":
+            t0 = time.perf_counter()
+            layer_ratios, allocation_info = _allocate(
+                allocation, model, example_inputs, ratio=ratio, target=target,
+                calibration=calibration, ignored_layers=ignored_layers, round_to=round_to,
+                device=dev, device_profile=device_profile, budget=budget,
+                allocation_kwargs=allocation_kwargs,
+            )
+            model.eval()
+            t_alloc = time.perf_counter() - t0
         params_before, macs_before = count_params_and_macs(model, example_inputs)
         widths_before = {
             names[m]: (m.out_channels if hasattr(m, "out_channels") else m.out_features)
@@ -465,8 +547,8 @@ def prune(
         ):
             importance(group)
         t_score = time.perf_counter() - t0
-        channel_ratio = ratio
-        if target != "channels" and ratio > 0:
+        channel_ratio = 0.0 if allocation != "uniform" else ratio
+        if target != "channels" and allocation == "uniform" and ratio > 0:
             channel_ratio = _solve_channel_ratio(
                 model,
                 example_inputs,
@@ -527,5 +609,80 @@ def prune(
             scoring_seconds=t_score,
             total_seconds=time.perf_counter() - start,
             bn_recalibrated=n_bn,
+            allocation=allocation,
+            allocation_info=allocation_info,
+            allocation_seconds=t_alloc,
         )
     return report
+
+
+def _resolve_ratio_and_allocation(
+    ratio: float | None,
+    budget: float | None,
+    target: str,
+    allocation: str | None,
+    device_profile: Any,
+    layer_ratios: Mapping[nn.Module, float] | None,
+    allocation_kwargs: Mapping[str, Any] | None,
+) -> tuple[float, str]:
+    """Check the ratio/budget/allocation arguments of :func:`prune` against each other."""
+    if budget is not None:
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (
+            0.0 < float(budget) <= 1.0
+        ):
+            raise ValueError(f"budget is the fraction of the resource kept, in (0, 1]; "
+                             f"got {budget!r}")
+        implied = 1.0 - float(budget)
+        if ratio is not None and not (
+            isinstance(ratio, (int, float)) and abs(float(ratio) - implied) < 1e-9
+        ):
+            raise ValueError(f"ratio={ratio!r} and budget={budget!r} disagree (ratio is the "
+                             f"fraction removed, budget the fraction kept); pass one of them")
+        ratio = implied
+    if ratio is None:
+        ratio = 0.5
+    if allocation is None:
+        allocation = "latency" if target == "latency" else "uniform"
+    if allocation != "uniform" and allocation not in _ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {available_allocations()}, got "
+                         f"{allocation!r}")
+    if target == "latency" and allocation != "latency":
+        raise ValueError(f"target='latency' is reached by allocation='latency', got "
+                         f"allocation={allocation!r}")
+    if allocation == "latency" and device_profile is None:
+        raise ValueError(
+            "latency-aware pruning needs device_profile=: 'measure' (time this model's layers "
+            "now), a shipped profile name (see torch_qmprune.available_profiles()), a JSON path "
+            "or a dict"
+        )
+    if allocation != "uniform" and layer_ratios:
+        raise ValueError(f"allocation={allocation!r} computes the per-layer ratios itself; "
+                         f"do not pass layer_ratios as well")
+    if allocation == "uniform" and (allocation_kwargs or device_profile is not None):
+        raise ValueError("allocation_kwargs / device_profile only apply with allocation="
+                         "'latency', 'policy' or a registered allocation")
+    if allocation_kwargs is not None and not isinstance(allocation_kwargs, Mapping):
+        raise TypeError(f"allocation_kwargs must be a dict, got "
+                        f"{type(allocation_kwargs).__name__}")
+    return ratio, allocation
+
+
+def _allocate(
+    name: str,
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    allocation_kwargs: Mapping[str, Any] | None,
+    **arguments: Any,
+) -> tuple[dict[nn.Module, float], dict[str, Any]]:
+    """Run a registered allocator and check what it returns."""
+    ratios, info = _ALLOCATIONS[name](model, example_inputs, **arguments,
+                                      **dict(allocation_kwargs or {}))
+    names = {m: n for n, m in model.named_modules()}
+    out: dict[nn.Module, float] = {}
+    for layer, value in dict(ratios).items():
+        if layer not in names:
+            raise ValueError(f"allocation {name!r} returned a layer that is not a submodule "
+                             f"of the model: {layer!r}")
+        out[layer] = check_ratio(value, f"allocation {name!r} ratio for {names[layer]!r}")
+    return out, dict(info or {})

@@ -24,7 +24,7 @@ BASELINES = {
     "small_cnn": dict(builder=lambda: small_cnn(), epochs=1.0, lr=0.05, augment=False),
     "resnet18": dict(builder=lambda: resnet18_fmnist(stem_stride=1), epochs=8.0, lr=0.1,
                      augment=True),
-    "resnet18_s2": dict(builder=lambda: resnet18_fmnist(stem_stride=2), epochs=2.0, lr=0.1,
+    "resnet18_s2": dict(builder=lambda: resnet18_fmnist(stem_stride=2), epochs=4.0, lr=0.1,
                         augment=True),
     "vit": dict(builder=lambda: small_vit(), epochs=3.0, lr=0.05, augment=True),
 }
