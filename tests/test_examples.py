@@ -72,3 +72,22 @@ def test_ddp_prune_quick():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ranks agree: True" in proc.stdout
+
+
+def test_latency_aware_quick():
+    out = _load("latency_aware").main(["--quick"])
+    uniform, aware = out["uniform"], out["latency-aware"]
+    # same MACs cut (2x within 3 %), both estimated faster than dense on the measured profile
+    for entry in (uniform, aware):
+        assert abs(entry["macs_speedup"] / 2.0 - 1) < 0.03
+        assert entry["estimated"] < 0.75 * out["estimated_dense"]
+        assert entry["measured_speedup"] > 0
+
+
+@requires_fmnist
+def test_policy_gate_quick():
+    out = _load("policy_gate").main(["--quick"])
+    assert abs(out["policy"]["macs_kept"] / 0.5 - 1) <= 0.02      # the gate meets its budget
+    assert abs(out["uniform"]["macs_kept"] / 0.5 - 1) <= 0.05
+    assert out["policy"]["widths"] != out["uniform"]["widths"]
+    assert out["policy"]["accuracy"] > 50.0 and out["dense"] > 60.0
