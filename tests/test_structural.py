@@ -276,3 +276,13 @@ def test_accuracy_floor_on_real_fashion_mnist(trained_small_cnn, fmnist_small):
     assert results["qm"] >= dense - 4.0, (dense, results)
     assert results["qm"] >= results["l1_plain"] + 10.0, results
     assert results["qm"] >= results["l1_same_pipeline"] - 1.0, results
+
+
+def test_prune_progress_bar_reports_stages(capsys):
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
+    x = torch.randn(32, 1, 8, 8)
+    prune(net, x[:1], 0.3, target="params", calibration=x, progress=True)
+    err = capsys.readouterr().err
+    assert "prune[qm]" in err and "step" in err
+    assert net(x).shape == (32, 3)

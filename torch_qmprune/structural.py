@@ -316,6 +316,36 @@ def _run_pruner(
     return pruner, compensated
 
 
+class _Progress:
+    """A tqdm bar over prune()'s stages (on stderr), or nothing when ``enabled`` is False."""
+
+    def __init__(self, enabled: bool, desc: str) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=0, desc=desc, unit="step", dynamic_ncols=True, leave=False)
+
+    def add(self, n: int, stage: str) -> None:
+        if self.bar is not None:
+            self.bar.total += n
+            self.bar.set_postfix_str(stage, refresh=True)
+
+    def step(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def _solve_channel_ratio(
     model,
     example_inputs,
@@ -329,12 +359,15 @@ def _solve_channel_ratio(
     num_heads,
     base,
     iters: int = 9,
+    progress: _Progress | None = None,
 ) -> float:
     """Bisection on the channel ratio so that params (or MACs) fall by ``goal`` (9 halvings of
     [0, 0.9]: the ratio to 0.002, the size to well within 1 %)."""
     idx = 0 if target == "params" else 1
 
     def removed(r: float) -> float:
+        if progress is not None:
+            progress.step()
         trial = copy.deepcopy(model)
         name_map = {m: n for n, m in model.named_modules()}
         trial_names = {mt: name_map[m] for (m, mt) in zip(model.modules(), trial.modules())}
@@ -368,6 +401,8 @@ def _solve_channel_ratio(
 
     # Torch-Pruning skips a layer whose ratio would leave no channel, so the reachable maximum
     # is not at ratio→1: take the best of a few high ratios as the upper end.
+    if progress is not None:
+        progress.add(iters + 1, "solving the channel ratio")
     lo, hi, best = 0.0, 0.9, removed(0.9)
     # narrow layers (< 10 channels) are skipped at 0.9 already: try lower ends too
     for cand in (0.95, 0.98, 0.8, 0.6):
@@ -415,6 +450,7 @@ def prune(
     budget: float | None = None,
     allocation_kwargs: dict[str, Any] | None = None,
     atomic_update: bool = True,
+    progress: bool = False,
 ) -> PruneReport:
     """Physically remove channels from ``model`` in place (one shot), merging them into siblings.
 
@@ -464,6 +500,7 @@ def prune(
         allocation_kwargs: extra keyword arguments for the allocator (``strength``,
             ``max_ratio``, ``steps``, ``seed``, ``tolerance``, ...).
         atomic_update: on any error, restore the model exactly as it was (one weight copy).
+        progress: show a progress bar (stderr) over calibration, scoring, ratio search, removal.
 
     Returns:
         :class:`PruneReport` (params/MACs before and after, per-layer widths, timings).
@@ -501,7 +538,8 @@ def prune(
         recalibrate_bn = calibration is not None
     dev = torch.device(device) if device is not None else None
     report = None
-    with atomic(model, enabled=atomic_update):
+    bar = _Progress(progress, f"prune[{criterion}]")
+    with bar, atomic(model, enabled=atomic_update):
         was_training = model.training
         model.eval()
         allocation_info: dict[str, Any] = {}
@@ -525,10 +563,12 @@ def prune(
         stats = None
         t_cal = 0.0
         if calibration is not None and (criterion == "qm" or compensate):
+            bar.add(1, "calibration")
             stats = collect_input_grams(
                 model, calibration, max_batches=max_calibration_batches, device=dev
             )
             t_cal = stats.seconds
+            bar.step()
         if criterion == "taylor":
             _taylor_gradients(model, calibration, loss_fn, max_calibration_batches, dev)
         imp_kwargs = dict(importance_kwargs or {})
@@ -542,10 +582,13 @@ def prune(
         t0 = time.perf_counter()
         # score every group once (also what the ratio search re-uses)
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-        for group in dg.get_all_groups(
+        groups = list(dg.get_all_groups(
             ignored_layers=ignored_layers, root_module_types=[nn.modules.conv._ConvNd, nn.Linear]
-        ):
+        ))
+        bar.add(len(groups), "scoring groups")
+        for group in groups:
             importance(group)
+            bar.step()
         t_score = time.perf_counter() - t0
         channel_ratio = 0.0 if allocation != "uniform" else ratio
         if target != "channels" and allocation == "uniform" and ratio > 0:
@@ -560,8 +603,10 @@ def prune(
                 round_to=round_to,
                 num_heads=num_heads,
                 base=(params_before, macs_before),
+                progress=bar,
             )
         compensated = 0
+        bar.add(2, "merging and removing")
         if channel_ratio > 0 or layer_ratios:
             _, compensated = _run_pruner(
                 model,
@@ -577,6 +622,7 @@ def prune(
                 damping=damping,
                 layer_ratios=layer_ratios,
             )
+        bar.step()
         if criterion == "taylor":
             model.zero_grad(set_to_none=True)
         n_bn = 0
@@ -613,6 +659,7 @@ def prune(
             allocation_info=allocation_info,
             allocation_seconds=t_alloc,
         )
+        bar.step()
     return report
 
 
