@@ -11,7 +11,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e ".[test,heads]"
+	$(BIN)/pip install -q -e ".[test,heads,docs]"
 	touch $@
 
 # Real data: Fashion-MNIST from the Debian package (needs root, as on these machines).

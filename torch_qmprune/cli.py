@@ -129,42 +129,101 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _md_cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ", ".join(f"{v:.3f}" for v in value)
+    return str(value).replace("|", "\\|")
+
+
+def _md_table(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    keys = [k for k in rows[0] if k != "block"]
+    lines = ["| " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+             "|" + "---|" * len(keys)]
+    return lines + ["| " + " | ".join(_md_cell(row[k]) for k in keys) + " |" for row in rows]
+
+
 def _cmd_analyze(args: argparse.Namespace) -> int:
+    import io
+
+    from tqdm import tqdm
+
     from .graph import redundancy_graph
 
+    if args.clusters is not None and args.clusters < 1:
+        raise CLIError(f"--clusters must be a positive integer, got {args.clusters}")
+    if args.top < 0:
+        raise CLIError(f"--top must be >= 0, got {args.top}")
     model = load_model(args.model).eval()
-    os.makedirs(args.output_dir, exist_ok=True)
-    graph = redundancy_graph(model, level=args.level, metric=args.metric)
-    clusters = graph.cluster(n_clusters=args.clusters)
-    reps = graph.representatives(clusters)
-    heatmap = os.path.join(args.output_dir, f"qmfrg_{args.level}.png")
-    graph.plot_heatmap(heatmap)
-    graph.to_json(os.path.join(args.output_dir, f"qmfrg_{args.level}.json"))
-    pairs = graph.most_redundant_pairs(args.top)
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"cannot use --output-dir {args.output_dir!r}: "
+                       f"{exc.strerror or exc}") from exc
+    base = os.path.join(args.output_dir, f"qmfrg_{args.level}")
+    paths = {ext: f"{base}.{ext}" for ext in ("png", "json", "md", "html")}
+    # stages, not items: the graph (SVDs), the clustering and a large heatmap each take seconds
+    bar = tqdm(total=4, desc="analyze: graph", file=sys.stderr, dynamic_ncols=True,
+               disable=True if args.json or args.no_progress else None,
+               leave=False, bar_format="{desc:<22} {bar} {n_fmt}/{total_fmt} [{elapsed}]")
+    with bar:
+        graph = redundancy_graph(model, level=args.level, metric=args.metric)
+        bar.set_description_str("analyze: clusters")
+        bar.update()
+        clusters = graph.cluster(n_clusters=args.clusters)
+        reps = graph.representatives(clusters)
+        bar.set_description_str("analyze: heatmap")
+        bar.update()
+        buffer = io.BytesIO()
+        graph.plot_heatmap(None).savefig(buffer, format="png")
+        png = buffer.getvalue()
+        bar.set_description_str("analyze: reports")
+        bar.update()
+        try:
+            with open(paths["png"], "wb") as fh:
+                fh.write(png)
+            graph.to_json(paths["json"])
+            title = f"QM-FRG of {args.model} ({args.level} level, {args.metric} distance)"
+            graph.to_html(paths["html"], clusters=clusters, title=title, top=args.top,
+                          heatmap_png=png)
+            pairs = graph.most_redundant_pairs(args.top)
+            layers = graph.layer_summary(clusters)
+            lines = [f"# {title}", "",
+                     f"{len(graph)} operators, {len(clusters)} redundancy clusters "
+                     "(most redundant first). Heatmap: " + os.path.basename(paths["png"])
+                     + "; HTML report: " + os.path.basename(paths["html"]), "",
+                     "## Most redundant pairs", "", "| a | b | distance |", "|---|---|---|"]
+            lines += [f"| {a} | {b} | {d:.4f} |" for a, b, d in pairs]
+            head = len(lines)
+            lines += ["", "## Layers", "", *_md_table(layers), "", "## Clusters", ""]
+            lines += [f"{k + 1}. representative `{graph.names[r]}`: " + ", ".join(
+                f"`{graph.names[i]}`" for i in c) for k, (c, r) in enumerate(zip(clusters, reps))]
+            with open(paths["md"], "w", encoding="utf-8") as fh:
+                fh.write("\n".join(lines) + "\n")
+        except OSError as exc:
+            raise CLIError(f"cannot write the report to {args.output_dir!r}: "
+                           f"{exc.strerror or exc}") from exc
+        bar.set_description_str("analyze: done")
+        bar.update()
     payload = {
         "model": args.model, "level": args.level, "metric": args.metric,
         "vertices": len(graph), "clusters": [[graph.names[i] for i in c] for c in clusters],
         "representatives": [graph.names[i] for i in reps],
         "most_redundant_pairs": [{"a": a, "b": b, "distance": d} for a, b, d in pairs],
-        "heatmap": heatmap,
+        "layers": layers,
+        "heatmap": paths["png"], "report": paths["md"], "html": paths["html"],
+        "graph_json": paths["json"],
     }
-    lines = [f"# QM-FRG of {args.model} ({args.level} level, {args.metric} distance)", "",
-             f"{len(graph)} operators, {len(clusters)} redundancy clusters "
-             "(most redundant first). Heatmap: " + os.path.basename(heatmap), "",
-             "## Most redundant pairs", "", "| a | b | distance |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {d:.4f} |" for a, b, d in pairs]
-    lines += ["", "## Clusters", ""]
-    lines += [f"{k + 1}. representative `{graph.names[r]}`: " + ", ".join(
-        f"`{graph.names[i]}`" for i in c) for k, (c, r) in enumerate(zip(clusters, reps))]
-    report = os.path.join(args.output_dir, f"qmfrg_{args.level}.md")
-    with open(report, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    payload["report"] = report
     if args.json:
         print(json.dumps(payload, indent=2))
     else:
-        print("\n".join(lines[:8 + len(pairs)]))
-        print(f"\nwrote {report}, {heatmap}")
+        print("\n".join(lines[:head]))
+        print(f"\nwrote {paths['html']}, {paths['md']}, {paths['png']}, {paths['json']}")
     return 0
 
 
@@ -205,14 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=_cmd_prune)
 
-    an = sub.add_parser("analyze", help="QM-FRG report of MODEL: states, clusters, heatmap")
+    an = sub.add_parser("analyze", help="QM-FRG report of MODEL: states, clusters, heatmap",
+                        description="Writes qmfrg_LEVEL.html (self-contained), .md, .png "
+                        "(heatmap) and .json (the graph) into --output-dir.")
     an.add_argument("model", help="file, module:function, built-in or torchvision name")
     an.add_argument("--level", default="layer", choices=("layer", "channel", "head"))
     an.add_argument("--metric", default="fs", choices=("fs", "w2"))
     an.add_argument("--clusters", type=int, default=None, help="default: eigengap heuristic")
     an.add_argument("--top", type=int, default=10, help="most redundant pairs to list")
     an.add_argument("--output-dir", "-o", default="qmprune_report")
-    an.add_argument("--json", action="store_true")
+    an.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    an.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     an.set_defaults(func=_cmd_analyze)
 
     be = sub.add_parser("bench", help="benchmarks (see `qmprune bench --help`)",

@@ -4,7 +4,10 @@ operators as vertices, Fubini–Study (or W₂) distances as edges, spectral clu
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import html
+import io
 import json
 import math
 import os
@@ -41,6 +44,13 @@ LEVELS = ("layer", "channel", "head")
 METRICS = ("fs", "w2")
 _METRIC_NAMES = {"fs": "Fubini–Study distance (rad)", "w2": "2-Wasserstein distance"}
 _JSON_FORMAT = "torch_qmprune.RedundancyGraph"
+_COLUMN_NAMES = {
+    "name": "name", "kind": "kind", "state": "ψ (leading entries)", "vertices": "vertices",
+    "nearest": "nearest sibling", "nearest_distance": "distance to it",
+    "min_nearest_distance": "min nearest-sibling distance",
+    "median_nearest_distance": "median nearest-sibling distance",
+    "redundant": "in clusters of ≥ 2", "cluster": "cluster",
+}
 _KMEANS_MAX_K = 32  # above this many clusters, labels come from cluster_qr instead of k-means
 _CHANNEL_TYPES = (
     nn.Linear,
@@ -459,6 +469,260 @@ class RedundancyGraph:
         if path is not None:
             fig.savefig(path)
         return fig
+
+    # -- report -----------------------------------------------------------------------------
+
+    def vertex_summary(self) -> list[dict[str, Any]]:
+        """Per vertex: spectral entropy, effective rank and nearest sibling (§2.1, §3.1).
+
+        With ``p_j = ψ_j²`` (the eigenvalues ``σ_j² / Σσ²`` of the operator's density matrix
+        ``ρ = ŴŴᵀ / tr ŴŴᵀ``), the spectral entropy is the von Neumann entropy
+        ``S = −Σ_j p_j ln p_j`` (nats) and the effective rank is ``e^S``, between 1 (one
+        singular value) and the number of singular values (a flat spectrum). The nearest
+        sibling is the closest vertex joined by an edge (``None`` when there is none). For
+        heads, ``states`` holds two parts and every statistic is given per part
+        (``spectral_entropy_qk``, ``effective_rank_vo``, ...).
+
+        Returns:
+            One dict per vertex, in vertex order: ``name``, ``kind``, ``block`` (channel / head
+            level), ``spectral_entropy``, ``effective_rank``, ``state`` (leading entries of ψ,
+            at most 8), ``nearest`` and ``nearest_distance``.
+
+        Example:
+            >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+            >>> _ = net[2].load_state_dict(net[0].state_dict())
+            >>> row = redundancy_graph(net).vertex_summary()[0]
+            >>> row["nearest"], row["nearest_distance"], 1 <= row["effective_rank"] <= 5
+            ('2', 0.0, True)
+        """
+        states = self.states.detach().cpu().double()
+        parts = self.state_parts or {"": slice(0, states.shape[1])}
+        stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for part, sl in parts.items():
+            p = states[:, sl] ** 2
+            p = p / p.sum(dim=1, keepdim=True).clamp_min(1e-300)
+            entropy = -(torch.where(p > 0, p * torch.log(p), torch.zeros_like(p))).sum(dim=1)
+            entropy = entropy.clamp_min(0.0).numpy()
+            stats[part] = entropy, np.exp(entropy)
+        dist = self._numpy_distance()
+        block_of = self._block_of()
+        rows = []
+        for i, name in enumerate(self.names):
+            row: dict[str, Any] = {"name": name, "kind": self.kinds[i]}
+            if self.blocks:
+                row["block"] = block_of.get(i)
+            for part, (entropy, rank) in stats.items():
+                suffix = f"_{part}" if part else ""
+                row[f"spectral_entropy{suffix}"] = float(entropy[i])
+                row[f"effective_rank{suffix}"] = float(rank[i])
+            if not self.state_parts:
+                psi = states[i]
+                row["state"] = [float(v) for v in psi[: min(8, int((psi != 0).sum()) or 1)]]
+            others = dist[i].copy()  # row by row: no second n x n matrix at channel level
+            others[i] = np.inf
+            j = int(np.argmin(others))
+            finite = math.isfinite(others[j])
+            row["nearest"] = self.names[j] if finite else None
+            row["nearest_distance"] = float(others[j]) if finite else None
+            rows.append(row)
+        return rows
+
+    def layer_summary(
+        self, clusters: Sequence[Sequence[int]] | None = None
+    ) -> list[dict[str, Any]]:
+        """The report's table of layers: one row per vertex at layer level, per block otherwise.
+
+        At layer level the rows are :meth:`vertex_summary` plus, with ``clusters``, the rank
+        of the vertex's cluster (1 = most redundant) as ``cluster``. At channel and head level
+        each layer / attention module is summarized: ``vertices``, the mean spectral entropy
+        and effective rank of its channels or heads, the smallest and median nearest-sibling
+        distance and, with ``clusters``, how many of its vertices sit in clusters of two or more
+        (``redundant``: merge candidates).
+
+        Args:
+            clusters: output of :meth:`cluster` (ranked), or ``None``.
+
+        Returns:
+            A list of JSON-ready dicts (``None`` for undefined distances).
+
+        Example:
+            >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
+            >>> g = redundancy_graph(net, level="channel")
+            >>> [(row["name"], row["vertices"]) for row in g.layer_summary()]
+            [('0', 4), ('1', 4)]
+        """
+        vertices = self.vertex_summary()
+        cluster_of: dict[int, int] = {}
+        for rank, members in enumerate(clusters or ()):
+            for i in members:
+                cluster_of[_check_index(i, len(self), f"clusters[{rank}]")] = rank
+        if not self.blocks:
+            for i, row in enumerate(vertices):
+                if clusters is not None:
+                    row["cluster"] = cluster_of[i] + 1 if i in cluster_of else None
+            return vertices
+        sizes = {rank: len(members) for rank, members in enumerate(clusters or ())}
+        stat_keys = [k for k in vertices[0] if k.startswith(("spectral_entropy", "effective_rank"))]
+        rows = []
+        for name, sl in self.blocks.items():
+            idx = list(range(len(self)))[sl]
+            members = [vertices[i] for i in idx]
+            row: dict[str, Any] = {"name": name, "kind": self.kinds[idx[0]] if idx else None,
+                                   "vertices": len(idx)}
+            for key in stat_keys:
+                row[f"mean_{key}"] = float(np.mean([m[key] for m in members])) if idx else None
+            near = [m["nearest_distance"] for m in members if m["nearest_distance"] is not None]
+            row["min_nearest_distance"] = float(min(near)) if near else None
+            row["median_nearest_distance"] = float(np.median(near)) if near else None
+            if clusters is not None:
+                row["redundant"] = sum(1 for i in idx if sizes.get(cluster_of.get(i, -1), 0) > 1)
+            rows.append(row)
+        return rows
+
+    def to_html(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        clusters: Sequence[Sequence[int]] | None = None,
+        title: str | None = None,
+        top: int = 10,
+        max_clusters: int = 50,
+        heatmap_png: bytes | None = None,
+    ) -> str:
+        """A self-contained HTML report of the graph (§3.1, §3.4); written to ``path`` if given.
+
+        One file, no external resources: the table of layers (:meth:`layer_summary`: spectral
+        entropy, effective rank, nearest-sibling distance), the clusters ranked by redundancy
+        (mean intra-cluster distance, medoid, members), the ``top`` most redundant pairs and
+        the heatmap (:meth:`plot_heatmap`) embedded as a base64 PNG.
+
+        Args:
+            path: file to write (UTF-8); ``None`` only returns the text.
+            clusters: output of :meth:`cluster`; default ``self.cluster()``.
+            title: page title (default: level and metric).
+            top: number of most redundant pairs listed.
+            max_clusters: clusters listed in full (the rest are counted).
+            heatmap_png: PNG bytes of an already drawn heatmap (default: drawn here).
+
+        Returns:
+            The HTML text.
+
+        Example:
+            >>> g = redundancy_graph(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3)))
+            >>> text = g.to_html(clusters=[[0], [1]])
+            >>> "<table" in text and 'src="data:image/png;base64,' in text
+            True
+        """
+        if isinstance(max_clusters, bool) or not isinstance(max_clusters, int) or max_clusters < 0:
+            raise ValueError(f"max_clusters must be a non-negative int, got {max_clusters!r}")
+        pairs = self.most_redundant_pairs(top)
+        if clusters is None:
+            clusters = self.cluster()
+        clusters = [list(c) for c in clusters]
+        rows = self.layer_summary(clusters)
+        reps = self.representatives(clusters) if clusters else []
+        if heatmap_png is None:
+            buffer = io.BytesIO()
+            self.plot_heatmap(None).savefig(buffer, format="png")
+            heatmap_png = buffer.getvalue()
+        image = base64.b64encode(heatmap_png).decode("ascii")
+        title = title or f"QM-FRG, {self.level} level ({_METRIC_NAMES[self.metric]})"
+        dist = self._numpy_distance()
+        esc = html.escape
+
+        def cell(value: Any) -> str:
+            if value is None:
+                return "<td>–</td>"
+            if isinstance(value, float):
+                return f'<td class="num">{value:.4g}</td>'
+            if isinstance(value, int):
+                return f'<td class="num">{value}</td>'
+            if isinstance(value, list):
+                return "<td>" + esc(", ".join(f"{v:.3f}" for v in value)) + "</td>"
+            return f"<td>{esc(str(value))}</td>"
+
+        columns = [k for k in rows[0] if k != "block"] if rows else []
+        layer_rows = "\n".join(
+            "<tr>" + "".join(cell(row[k]) for k in columns) + "</tr>" for row in rows
+        )
+        headers = "".join(f"<th>{esc(_COLUMN_NAMES.get(k, k.replace('_', ' ')))}</th>"
+                          for k in columns)
+        multi = [c for c in clusters if len(c) > 1]
+        cluster_rows = []
+        for rank, (members, rep) in enumerate(zip(clusters, reps)):
+            if rank >= max_clusters or len(members) < 2:
+                break
+            sub = dist[np.ix_(members, members)][np.triu_indices(len(members), 1)]
+            names = [self.names[i] for i in members]
+            shown = ", ".join(names[:12]) + (f", … (+{len(names) - 12})" if len(names) > 12 else "")
+            cluster_rows.append(
+                f"<tr>{cell(rank + 1)}{cell(len(members))}{cell(float(sub.mean()))}"
+                f"{cell(self.names[rep])}{cell(shown)}</tr>"
+            )
+        listed = len(cluster_rows)
+        note = (f"{len(clusters)} cluster{'s' if len(clusters) != 1 else ''}: {len(multi)} "
+                f"with two or more members (merge candidates), {len(clusters) - len(multi)} "
+                f"singleton{'s' if len(clusters) - len(multi) != 1 else ''}.")
+        if listed < len(multi):
+            note += f" The {listed} most redundant are listed."
+        pair_rows = "\n".join(f"<tr>{cell(a)}{cell(b)}{cell(d)}</tr>" for a, b, d in pairs)
+        unit = {"layer": "operators", "channel": "channels", "head": "heads"}[self.level]
+        size = f"{len(self)} {unit}"
+        if self.blocks:
+            owner = "layers" if self.level == "channel" else "attention modules"
+            size += f" in {len(self.blocks)} {owner}"
+        text = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{esc(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 80em; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }}
+th {{ background: #f2f2f2; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+img {{ max-width: 100%; height: auto; }}
+</style>
+</head>
+<body>
+<h1>{esc(title)}</h1>
+<p>{esc(size)}.
+Distance: {esc(_METRIC_NAMES[self.metric])}; bias-augmented states: {self.augment}.
+Spectral entropy S = −Σ p ln p of p = ψ² (the density matrix's eigenvalues, nats);
+effective rank e<sup>S</sup>; nearest sibling: closest vertex joined by an edge.</p>
+<h2 id="layers">Layers</h2>
+<table class="layers">
+<thead><tr>{headers}</tr></thead>
+<tbody>
+{layer_rows}
+</tbody>
+</table>
+<h2 id="clusters">Redundancy clusters, most redundant first</h2>
+<p>{esc(note)}</p>
+<table class="clusters">
+<thead><tr><th>rank</th><th>size</th><th>mean distance</th><th>representative (medoid)</th>
+<th>members</th></tr></thead>
+<tbody>
+{chr(10).join(cluster_rows)}
+</tbody>
+</table>
+<h2 id="pairs">Most redundant pairs</h2>
+<table class="pairs">
+<thead><tr><th>a</th><th>b</th><th>distance</th></tr></thead>
+<tbody>
+{pair_rows}
+</tbody>
+</table>
+<h2 id="heatmap">Heatmap</h2>
+<img alt="QM-FRG distance heatmap" src="data:image/png;base64,{image}">
+</body>
+</html>
+"""
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        return text
 
     # -- helpers ----------------------------------------------------------------------------
 

@@ -734,7 +734,7 @@ def lowrank_compress(
 
     Raises:
         ValueError / TypeError: bad arguments (named in the message). On any error the model
-        is restored exactly (atomic).
+            is restored exactly (atomic).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
