@@ -3,6 +3,7 @@ spectral clustering with the eigengap heuristic (§3.4), and its exports."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -332,21 +333,95 @@ def test_bert_head_graph() -> None:
 # ----------------------------------------------------------------------------------- export
 
 
+def _assert_same_graph(back: RedundancyGraph, graph: RedundancyGraph) -> None:
+    assert back.names == graph.names and back.kinds == graph.kinds
+    assert back.level == graph.level and back.metric == graph.metric
+    assert torch.equal(back.distance, graph.distance)
+    assert torch.equal(back.states, graph.states)
+    assert back.blocks == graph.blocks and back.state_parts == graph.state_parts
+
+
 def test_json_round_trip(tmp_path) -> None:
     for level in ("layer", "channel"):
         graph = redundancy_graph(_twin_conv_model(), level=level)
-        data = graph.to_json(tmp_path / f"{level}.json")
-        json.dumps(data, allow_nan=False)  # standard JSON: inf stored as null
-        for source in (data, tmp_path / f"{level}.json", str(tmp_path / f"{level}.json")):
-            back = RedundancyGraph.from_json(source)
-            assert back.names == graph.names and back.kinds == graph.kinds
-            assert back.level == level and back.metric == graph.metric
-            assert torch.equal(back.distance, graph.distance)
-            assert torch.equal(back.states, graph.states)
-            assert back.blocks == graph.blocks
-            assert back.cluster() == graph.cluster()
+        for full in (False, True):
+            path = tmp_path / f"{level}-{full}.json"
+            data = graph.to_json(path, full_matrix=full)
+            json.dumps(data, allow_nan=False)  # standard JSON: inf stored as null
+            assert ("distance" in data) is full and ("distance_upper" in data) is not full
+            for source in (data, path, str(path)):
+                back = RedundancyGraph.from_json(source)
+                _assert_same_graph(back, graph)
+                assert back.cluster() == graph.cluster()
     with pytest.raises(ValueError, match="not a RedundancyGraph JSON"):
         RedundancyGraph.from_json({"format": "other"})
+
+
+def test_json_is_compact_edges_only(tmp_path) -> None:
+    """Channel level: one upper triangle per layer, no inf between layers, no diagonal."""
+    graph = redundancy_graph(_twin_conv_model(), level="channel")
+    data = graph.to_json()
+    sizes = [8, 8, 8, 4, 3]
+    blocks = data["distance_upper"]
+    assert [(b["start"], b["stop"]) for b in blocks] == [(s.start, s.stop)
+                                                         for s in graph.blocks.values()]
+    assert [len(b["values"]) for b in blocks] == [c * (c - 1) // 2 for c in sizes]
+    assert None not in [v for b in blocks for v in b["values"]]
+    assert data["version"] == 2 and data["precision"] == "float64"
+    compact, full = tmp_path / "compact.json", tmp_path / "full.json"
+    graph.to_json(compact)
+    graph.to_json(full, full_matrix=True)
+    assert compact.stat().st_size < full.stat().st_size
+    dense = json.dumps(graph.to_json(full_matrix=True)["distance"])
+    assert len(json.dumps(blocks)) < len(dense) / 3
+    # layer level: a complete graph, one block of all vertices
+    layer = redundancy_graph(_twin_conv_model()).to_json()
+    (block,) = layer["distance_upper"]
+    assert (block["start"], block["stop"]) == (0, 5) and len(block["values"]) == 10
+
+
+def test_json_float32_precision(tmp_path) -> None:
+    graph = redundancy_graph(_twin_conv_model(), level="channel")
+    path, exact = tmp_path / "f32.json", tmp_path / "f64.json"
+    data = graph.to_json(path, precision="float32")
+    graph.to_json(exact)
+    assert data["precision"] == "float32"
+    assert path.stat().st_size < exact.stat().st_size
+    back = RedundancyGraph.from_json(path)
+    assert back.distance.dtype == torch.float64
+    finite = torch.isfinite(graph.distance)
+    assert torch.equal(finite, torch.isfinite(back.distance))
+    # the float32 nearest to each distance, written as its shortest decimal
+    assert torch.equal(back.distance[finite].float(), graph.distance[finite].float())
+    assert torch.allclose(back.states, graph.states, rtol=1e-7, atol=1e-7)
+    # a float32 graph is written at its own precision and round-trips exactly
+    g32 = redundancy_graph(_twin_conv_model(), level="channel", dtype=torch.float32)
+    assert g32.to_json()["precision"] == "float32"
+    _assert_same_graph(RedundancyGraph.from_json(g32.to_json()), g32)
+    with pytest.raises(ValueError, match="precision"):
+        graph.to_json(precision="float16")
+
+
+def test_json_head_level_and_dense_fallback() -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16)
+    model = nn.Sequential(layer, copy.deepcopy(layer))
+    graph = redundancy_graph(model, level="head")
+    data = graph.to_json()
+    # heads of different modules are comparable: one block of all heads, not one per module
+    assert [(b["start"], b["stop"]) for b in data["distance_upper"]] == [(0, 4)]
+    _assert_same_graph(RedundancyGraph.from_json(data), graph)
+    # a hand-made asymmetric matrix cannot be halved: stored dense, still round-trips
+    graph.distance = graph.distance.clone()
+    graph.distance[0, 1] += 0.5
+    data = graph.to_json()
+    assert "distance" in data and "distance_upper" not in data
+    _assert_same_graph(RedundancyGraph.from_json(data), graph)
+    with pytest.raises(ValueError, match="expected 6"):
+        bad = graph.to_json() | {"distance": None}
+        del bad["distance"]
+        bad["distance_upper"] = [{"start": 0, "stop": 4, "values": [0.0]}]
+        RedundancyGraph.from_json(bad)
 
 
 def test_networkx_export() -> None:

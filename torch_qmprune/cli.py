@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -108,24 +109,105 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_prune(args: argparse.Namespace) -> int:
-    from .structural import prune
+def _jsonable(value: Any) -> Any:
+    """``value`` as standard JSON: tensors / NumPy values as lists or numbers, tuples as lists,
+    keys as strings, NaN and ±inf as ``null``, anything else as its ``str``."""
+    if isinstance(value, Mapping):
+        return {k if isinstance(k, str) else str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist") and callable(value.tolist):  # tensors, NumPy arrays / scalars
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
 
-    if not 0 <= args.ratio < 1:
+
+def _allocation_kwargs(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"--allocation-kwargs must be a JSON object such as "
+                       f"'{{\"steps\": 100}}': {exc.msg} at column {exc.colno}") from exc
+    if not isinstance(value, dict):
+        raise CLIError(f"--allocation-kwargs must be a JSON object, got "
+                       f"{type(value).__name__}")
+    return value
+
+
+def _allocation_line(report: Any) -> str | None:
+    """One line about a non-uniform allocation for the human-readable output."""
+    if report.allocation == "uniform":
+        return None
+    info = report.allocation_info
+    parts = [f"allocation {report.allocation!r} ({report.allocation_seconds:.2f}s)"]
+    if isinstance(info.get("achieved"), (int, float)):
+        what = info.get("target") or info.get("resource") or report.target
+        parts.append(f"{what} reduced by {100 * float(info['achieved']):.1f}%")
+    if info.get("profile"):
+        parts.append(f"profile {info['profile']!r} ({info.get('profile_source', '?')})")
+    return ", ".join(parts)
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from .hardware import available_profiles, load_profile
+    from .structural import available_allocations, prune
+
+    if args.ratio is not None and not 0 <= args.ratio < 1:
         raise CLIError(f"--ratio must be in [0, 1), got {args.ratio}")
+    if args.budget is not None and not 0 < args.budget <= 1:
+        raise CLIError(f"--budget is the fraction kept, in (0, 1], got {args.budget}")
+    if args.ratio is not None and args.budget is not None and abs(
+            args.ratio - (1.0 - args.budget)) > 1e-9:
+        raise CLIError(f"--ratio {args.ratio} and --budget {args.budget} disagree (--ratio is "
+                       f"the fraction removed, --budget the fraction kept); pass one of them")
+    if "latency" in (args.target, args.allocation) and args.device_profile is None:
+        raise CLIError(f"--{'target' if args.target == 'latency' else 'allocation'} latency "
+                       f"needs --device-profile: 'measure' (time this model's layers now), a "
+                       f"shipped profile name ({', '.join(available_profiles())}) or a JSON "
+                       f"file")
+    if args.device_profile not in (None, "measure"):
+        load_profile(args.device_profile)  # a bad name or file fails before any work is done
+    allocation_kwargs = _allocation_kwargs(args.allocation_kwargs)
     model = load_model(args.model).eval()
+    # after loading MODEL: importing a module:function may register more allocations
+    if args.allocation is not None and args.allocation not in available_allocations():
+        raise CLIError(f"unknown --allocation {args.allocation!r}; expected one of "
+                       f"{', '.join(available_allocations())} (or a name your model's module "
+                       f"registers with torch_qmprune.register_allocation)")
     shape = _input_shape(args.input_shape)
     calib, _ = _calibration(args.calibration, shape, args.calibration_size)
+    progress = not (args.json or args.no_progress) and sys.stderr.isatty()
     report = prune(model, calib[:1], args.ratio, target=args.target, criterion=args.criterion,
-                   calibration=calib, global_pruning=args.global_pruning)
-    torch.save(model, args.output)
-    payload = report.to_dict() | {"output": args.output}
+                   calibration=calib, global_pruning=args.global_pruning,
+                   allocation=args.allocation, device_profile=args.device_profile,
+                   budget=args.budget, allocation_kwargs=allocation_kwargs, progress=progress)
+    try:
+        torch.save(model, args.output)
+    except OSError as exc:
+        raise CLIError(f"cannot write the pruned model to {args.output!r}: "
+                       f"{exc.strerror or exc}") from exc
+    payload = _jsonable(report.to_dict()) | {"output": args.output}
+    if args.report is not None:
+        try:
+            with open(args.report, "w", encoding="utf-8") as fh:
+                json.dump(payload, fh, indent=2)
+        except OSError as exc:
+            raise CLIError(f"cannot write the report to {args.report!r}: "
+                           f"{exc.strerror or exc}") from exc
     if args.json:
         print(json.dumps(payload, indent=2))
     else:
         print(report)
+        line = _allocation_line(report)
+        if line:
+            print(line)
         print(f"saved pruned model to {args.output} (load with torch.load(path, "
-              "weights_only=False))")
+              "weights_only=False))" + (f"; report in {args.report}" if args.report else ""))
     return 0
 
 
@@ -187,7 +269,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         try:
             with open(paths["png"], "wb") as fh:
                 fh.write(png)
-            graph.to_json(paths["json"])
+            graph.to_json(paths["json"], precision=args.graph_precision,
+                          full_matrix=args.full_matrix)
             title = f"QM-FRG of {args.model} ({args.level} level, {args.metric} distance)"
             graph.to_html(paths["html"], clusters=clusters, title=title, top=args.top,
                           heatmap_png=png)
@@ -234,7 +317,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .structural import QM_CRITERIA, TARGETS, TP_CRITERIA
+    from .hardware import available_profiles
+    from .structural import QM_CRITERIA, TARGETS, TP_CRITERIA, available_allocations
 
     parser = argparse.ArgumentParser(
         prog="qmprune", description="Spectral-geometry pruning for PyTorch (torch_qmprune).")
@@ -250,29 +334,58 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print JSON instead of a table")
     demo.set_defaults(func=_cmd_demo)
 
-    pr = sub.add_parser("prune", help="physically prune MODEL and save it with a report")
+    pr = sub.add_parser(
+        "prune", help="physically prune MODEL and save it with a report",
+        description="Removes channels (merging them into their siblings), re-estimates "
+        "BatchNorm and saves the whole model with torch.save. --ratio is the fraction "
+        "removed, --budget the fraction kept (give one). --target latency (with "
+        "--device-profile) or --allocation latency / policy spread the cut over layers.")
     pr.add_argument("model", help="file, module:function, built-in or torchvision name")
-    pr.add_argument("--ratio", type=float, default=0.5)
-    pr.add_argument("--target", default="channels", choices=TARGETS)
+    pr.add_argument("--ratio", type=float, default=None,
+                    help="fraction of --target to remove (default 0.5, or 1 - --budget)")
+    pr.add_argument("--budget", type=float, default=None,
+                    help="fraction of --target to keep, in (0, 1]; same as --ratio 1-BUDGET")
+    pr.add_argument("--target", default="channels", choices=TARGETS,
+                    help="what the ratio measures (latency: estimated Σ cost·MACs under "
+                    "--device-profile)")
     pr.add_argument("--criterion", default="qm", choices=QM_CRITERIA + TP_CRITERIA)
+    pr.add_argument("--allocation", default=None, metavar="NAME",
+                    help="per-layer ratios: " + ", ".join(available_allocations())
+                    + " (default: uniform; latency with --target latency)")
+    pr.add_argument("--device-profile", default=None, metavar="NAME|PATH|measure",
+                    help="cost profile for latency allocation: 'measure' (time the layers "
+                    "here), a shipped name (" + ", ".join(available_profiles())
+                    + ") or a JSON file")
+    pr.add_argument("--allocation-kwargs", default=None, metavar="JSON",
+                    help='extra allocator arguments as a JSON object, e.g. \'{"steps": 100}\'')
     pr.add_argument("--calibration", default="fashion-mnist",
                     help="'fashion-mnist', 'random' or a tensor file (N, *input-shape)")
     pr.add_argument("--calibration-size", type=int, default=512)
     pr.add_argument("--input-shape", default="1,28,28")
     pr.add_argument("--global-pruning", action="store_true")
     pr.add_argument("--output", "-o", default="pruned.pt")
-    pr.add_argument("--json", action="store_true")
+    pr.add_argument("--report", default=None, metavar="PATH",
+                    help="also write the JSON report (as printed by --json) to PATH")
+    pr.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     pr.set_defaults(func=_cmd_prune)
 
     an = sub.add_parser("analyze", help="QM-FRG report of MODEL: states, clusters, heatmap",
                         description="Writes qmfrg_LEVEL.html (self-contained), .md, .png "
-                        "(heatmap) and .json (the graph) into --output-dir.")
+                        "(heatmap) and .json (the graph: its edges as per-block upper "
+                        "triangles, read back with RedundancyGraph.from_json) into "
+                        "--output-dir.")
     an.add_argument("model", help="file, module:function, built-in or torchvision name")
     an.add_argument("--level", default="layer", choices=("layer", "channel", "head"))
     an.add_argument("--metric", default="fs", choices=("fs", "w2"))
     an.add_argument("--clusters", type=int, default=None, help="default: eigengap heuristic")
     an.add_argument("--top", type=int, default=10, help="most redundant pairs to list")
     an.add_argument("--output-dir", "-o", default="qmprune_report")
+    an.add_argument("--graph-precision", default="float32", choices=("float32", "float64"),
+                    help="precision of the distances in qmfrg_LEVEL.json (float64: exact)")
+    an.add_argument("--full-matrix", action="store_true",
+                    help="store the dense n x n distance matrix in qmfrg_LEVEL.json instead of "
+                    "the edges only (large: ~240 MB for resnet18 --level channel)")
     an.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     an.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     an.set_defaults(func=_cmd_analyze)
@@ -293,7 +406,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CLIError, ValueError, TypeError, FileNotFoundError, KeyError) as exc:
         if args.debug:
             raise
-        print(f"qmprune {args.command}: error: {exc}", file=sys.stderr)
+        # KeyError's str() is the repr of its key; messages are kept to one line
+        text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        text = " ".join(ln.strip() for ln in text.splitlines() if ln.strip()) or type(exc).__name__
+        print(f"qmprune {args.command}: error: {text}", file=sys.stderr)
         return 2
 
 
