@@ -276,6 +276,55 @@ def test_spectral_states_errors_and_empty_batch():
         spectral_states(torch.randn(2, 3, 3), torch.randn(3, 3))
 
 
+def test_gram_states_equal_svd_states_to_float32_rounding():
+    # the importance's fast path: singular values from eigvalsh of the float64 Gram
+    from torch_qmprune.spectral.states import _gram_spectral_states
+
+    gen = torch.Generator().manual_seed(5)
+    cases = [
+        (torch.randn(40, 64, 9, generator=gen), False),  # 3x3 conv filters, tall
+        (torch.randn(12, 3, 49, generator=gen), False),  # 7x7 stem filters, wide
+        (torch.randn(20, 1, 30, generator=gen), True),  # Linear rows, augmented
+        (torch.randn(6, 5, 5, generator=gen) * 1e-30, False),  # tiny scale
+        (torch.randn(6, 5, 5, generator=gen).half(), False),
+    ]
+    low_rank = torch.randn(10, 16, 2, generator=gen) @ torch.randn(10, 2, 9, generator=gen)
+    cases.append((low_rank, False))  # rank 2 of 9: seven zero singular values
+    for mats, aug in cases:
+        fast = _gram_spectral_states(mats, augment=aug)
+        exact = spectral_states(mats.double(), augment=aug)
+        assert fast.dtype == torch.float32 and fast.shape == exact.shape
+        assert torch.allclose(fast.double(), exact, atol=3e-7, rtol=0), (mats.shape, aug)
+        # at least as close to the float64 truth as the float32 SVD is, within rounding
+        svd32 = spectral_states(mats, augment=aug)
+        assert (fast.double() - exact).abs().max() <= (svd32.double() - exact).abs().max() + 1e-7
+
+
+def test_gram_states_shortcuts_and_fallbacks():
+    from torch_qmprune.spectral.states import _gram_spectral_states
+
+    ones = _gram_spectral_states(torch.randn(7, 16, 1), augment=False)  # 1x1 conv filters
+    assert torch.equal(ones, torch.ones(7, 1))
+    tiny = torch.full((2, 4, 1), 1e-30)  # squares underflow: the exact path scales first
+    assert torch.equal(_gram_spectral_states(tiny, augment=False), torch.ones(2, 1))
+    x64 = torch.randn(3, 6, 4, dtype=torch.float64)  # float64 math: the exact SVD path
+    assert torch.equal(_gram_spectral_states(x64), spectral_states(x64))
+    bad = torch.randn(5, 3, 3)
+    bad[1] = 0
+    bad[4] = 0
+    with pytest.raises(ValueError, match=r"indices \[1, 4\]"):
+        _gram_spectral_states(bad, augment=False)
+    bad = torch.randn(5, 3, 1)
+    bad[2] = 0
+    with pytest.raises(ValueError, match=r"indices \[2\]"):
+        _gram_spectral_states(bad, augment=False)
+    for value in (math.nan, math.inf):
+        bad = torch.randn(4, 8, 9)
+        bad[3, 2, 1] = value
+        with pytest.raises(ValueError, match="finite"):
+            _gram_spectral_states(bad, augment=False)
+
+
 # ------------------------------------------------------------------------------------------
 # metrics.py
 # ------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
@@ -33,12 +34,21 @@ from torch import nn
 from ._threads import single_thread as _single_thread
 from .calibration import CalibrationStats
 from .methods import _greedy_sibling_order, _leave_one_out_shifts, _pairwise
-from .spectral import spectral_states
+from .spectral.states import _gram_spectral_states
 
 __all__ = ["SpectralImportance", "CRITERIA", "greedy_merge_costs"]
 
 CRITERIA = ("qm", "literal", "loo", "hybrid")
 _CONV_LINEAR = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def _is_arange(idxs: Sequence[int], size: int) -> bool:
+    """Whether ``idxs`` is ``[0, 1, ..., size - 1]`` (checked without building a tensor)."""
+    return (
+        len(idxs) == size
+        and (size == 0 or idxs[-1] == size - 1)
+        and list(idxs) == list(range(size))
+    )
 
 
 def _is_out(dep) -> bool:
@@ -159,11 +169,11 @@ def _greedy_merge_costs(consumers, n_roots, damping, max_steps, max_downdates):
 
 def _order_to_scores(order: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
     """Scores that rank channels in greedy order and compare across groups (cumulative max)."""
-    cm = torch.cummax(costs, 0).values
-    tiny = 1e-9 * float(cm[-1].abs().clamp_min(1e-30)) if len(cm) else 0.0
-    scores = torch.empty_like(cm)
-    scores[order] = cm + tiny * torch.arange(len(cm), dtype=cm.dtype)
-    return scores.float()
+    cm = np.maximum.accumulate(costs.detach().cpu().numpy())
+    tiny = 1e-9 * max(abs(float(cm[-1])), 1e-30) if len(cm) else 0.0
+    scores = np.empty_like(cm)
+    scores[order.cpu().numpy()] = cm + tiny * np.arange(len(cm), dtype=cm.dtype)
+    return torch.from_numpy(scores).float().to(costs.device)
 
 
 class SpectralImportance(tp.importance.Importance):
@@ -248,24 +258,29 @@ class SpectralImportance(tp.importance.Importance):
         acc = torch.zeros(n, dtype=torch.float64)
         hits = torch.zeros(n, dtype=torch.float64)
         for layer, idxs, roots in self._producers(group):
-            if any(r is None for r in roots):
+            if None in roots:
                 continue
-            w = layer.weight.detach()[idxs].float()
+            weight = layer.weight.detach()
+            # a whole-layer group (every channel, in order) needs no gather copy
+            w = weight if _is_arange(idxs, weight.shape[0]) else weight[idxs]
+            w = w.float()
             if mode == "magnitude":
                 s = w.flatten(1).norm(dim=1).double()
             elif mode in ("literal", "hybrid"):
                 mats = w.reshape(w.shape[0], w.shape[1], -1) if w.dim() > 2 else w.unsqueeze(1)
-                states = spectral_states(mats, augment=w.dim() <= 2)
+                # Eq. §2.1 states from the float64 Gram of each filter (C_in x k² → k² x k²)
+                states = _gram_spectral_states(mats, augment=w.dim() <= 2)
                 s = self._sibling_scores(states).double()
                 if mode == "hybrid":
                     mag = w.flatten(1).norm(dim=1).double()
                     s = mag / mag.mean().clamp_min(1e-30) * (0.1 + s / s.max().clamp_min(1e-30))
             else:  # loo
-                full = layer.weight.detach().float()
+                full = weight.float()
                 s = _leave_one_out_shifts(full, 0, torch.tensor(idxs), self.metric).double()
             s = s / s.mean().clamp_min(1e-30)
-            acc.scatter_add_(0, torch.tensor(roots), s)
-            hits.scatter_add_(0, torch.tensor(roots), torch.ones_like(s))
+            roots_t = torch.tensor(roots)
+            acc.scatter_add_(0, roots_t, s)
+            hits.scatter_add_(0, roots_t, torch.ones_like(s))
         if hits.sum() == 0:
             return None
         return (acc / hits.clamp_min(1)).float()
@@ -273,9 +288,22 @@ class SpectralImportance(tp.importance.Importance):
     def _sibling_scores(self, states: torch.Tensor) -> torch.Tensor:
         """§3.1 sibling distance at greedy removal time (the drop-in method's order), made
         monotone along that order so that thresholds cut a prefix and layers compare."""
-        if states.shape[0] < 2:
-            return torch.ones(states.shape[0])
-        order, at = _greedy_sibling_order(_pairwise(states, self.metric).double(), self.aggregation)
+        n = states.shape[0]
+        if n < 2:
+            return torch.ones(n)
+        if self.metric == "fs" and bool((states == states[:1]).all()):
+            # identical states (e.g. every 1x1 conv filter, whose state is [1]): every
+            # Fubini–Study distance is exactly 0 (Eq. §2.3), so the greedy removes channels in
+            # index order, each at distance 0 (the last at inf): no distance matrix needed
+            order = torch.arange(n)
+            at = torch.zeros(n, dtype=torch.float64)
+            at[-1] = math.inf
+        else:
+            dist = _pairwise(states, self.metric)
+            if self.aggregation != "nearest":  # means are summed in float64
+                dist = dist.double()
+            # "nearest" only compares and returns distances: float32 as computed is the same
+            order, at = _greedy_sibling_order(dist, self.aggregation)
         at = at.double()
         finite = at[torch.isfinite(at)]
         at[~torch.isfinite(at)] = (finite.max() if finite.numel() else 1.0) + 1e-6

@@ -25,6 +25,7 @@ import numbers
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune as _torch_prune
@@ -357,50 +358,85 @@ def _greedy_sibling_order_impl(distances: Tensor, aggregation: str) -> tuple[Ten
     ties to the lower index, recomputing against survivors only: of two identical channels the
     first goes at distance 0, after which the second's nearest sibling is someone else.
 
+    ``"nearest"`` is computed without simulating the removals (:func:`_nearest_death_times`),
+    in one pass of two NumPy calls per channel; ``"mean"`` runs the removals in NumPy.
+
     Returns:
         ``(order, at)``: positions in removal order (all ``n``) and the aggregated distance each
         had when removed (``inf`` for the last one, which has no sibling left).
     """
     n = distances.shape[0]
-    dev = distances.device
-    d = (distances + distances.T) / 2  # exact symmetry makes ties deterministic
-    inf = torch.tensor(math.inf, dtype=d.dtype, device=dev)
-    alive = torch.ones(n, dtype=torch.bool, device=dev)
-    order = torch.empty(n, dtype=torch.long, device=dev)
-    at = torch.full((n,), math.inf, dtype=d.dtype, device=dev)
+    dev, dtype = distances.device, distances.dtype
+    if n == 0:
+        return torch.empty(0, dtype=torch.long, device=dev), torch.empty(0, dtype=dtype, device=dev)
+    # float32 / float64 distances are used as they are (NumPy computes the same IEEE results);
+    # other dtypes are read in float32
+    work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    x = distances.detach().to("cpu", work).numpy()
+    d = x + x.T
+    d *= 0.5  # (a + b) / 2 exactly: exact symmetry makes ties deterministic
     if aggregation == "nearest":
-        d = d.clone()
-        d.fill_diagonal_(math.inf)
-        best, nearest = d.min(dim=1)
-        for step in range(n):
-            candidates = torch.where(alive, best, inf)
-            i = int(torch.argmin(candidates))
-            if not bool(alive[i]):  # only inf left: take the first survivor
-                i = int(torch.nonzero(alive)[0])
-            order[step] = i
-            at[step] = candidates[i] if step < n - 1 else inf
-            alive[i] = False
-            d[:, i] = math.inf
-            d[i, :] = math.inf
-            stale = alive & (nearest == i)
-            if bool(stale.any()):
-                best[stale], nearest[stale] = d[stale].min(dim=1)
-    else:
-        d = d.clone()
-        d.fill_diagonal_(0.0)
-        sums = d.sum(dim=1)
-        for step in range(n):
-            count = n - step - 1
-            means = sums / max(count, 1) if count > 0 else torch.full_like(sums, math.inf)
-            candidates = torch.where(alive, means, inf)
-            i = int(torch.argmin(candidates))
-            if not bool(alive[i]):
-                i = int(torch.nonzero(alive)[0])
-            order[step] = i
-            at[step] = candidates[i] if count > 0 else inf
-            alive[i] = False
-            sums -= d[:, i]
-    return order, at
+        death = _nearest_death_times(d)
+        order_np = np.argsort(death, kind="stable")  # ties to the lower index
+        order = torch.from_numpy(order_np).to(dev)
+        at = torch.from_numpy(death[order_np]).to(device=dev, dtype=dtype)
+        return order, at
+    np.fill_diagonal(d, 0.0)
+    sums = torch.from_numpy(d).sum(dim=1).numpy()  # torch's summation order, as before
+    alive = np.ones(n, dtype=bool)
+    order_l: list[int] = []
+    at_l: list[float] = []
+    with np.errstate(invalid="ignore"):  # inf - inf = nan, as in torch
+        _greedy_mean(d, sums, alive, order_l, at_l)
+    return (
+        torch.tensor(order_l, dtype=torch.long, device=dev),
+        torch.tensor(at_l, dtype=torch.float64).to(device=dev, dtype=dtype),
+    )
+
+
+def _greedy_mean(
+    d: np.ndarray, sums: np.ndarray, alive: np.ndarray, order_l: list[int], at_l: list[float]
+) -> None:
+    """The ``"mean"`` greedy of :func:`_greedy_sibling_order_impl`, step by step."""
+    n = d.shape[0]
+    for step in range(n):
+        count = n - step - 1
+        means = sums / count if count > 0 else np.full_like(sums, math.inf)
+        candidates = np.where(alive, means, math.inf)
+        i = int(candidates.argmin())
+        if not alive[i]:  # only inf left: take the first survivor
+            i = int(np.flatnonzero(alive)[0])
+        order_l.append(i)
+        at_l.append(float(candidates[i]) if count > 0 else math.inf)
+        alive[i] = False
+        sums -= d[:, i]
+
+
+def _nearest_death_times(d: np.ndarray) -> np.ndarray:
+    """Distance at which each channel leaves the ``"nearest"`` greedy (§3.1), without running it.
+
+    The greedy removes, at each step, the lowest-index channel among those whose nearest
+    surviving sibling is closest, i.e. the *lower* end ``v`` of the closest surviving pair
+    ``(v, u)``, ``v < u`` (of the pairs at that distance, the one with the lowest ``v``). So
+    channel ``v`` leaves through a pair with a higher-index sibling ``u``, namely the closest
+    one still present then: ``u`` leaves after that pair's turn iff ``D(u) ≥ d(v, u)`` (at
+    equal distance the lower index goes first). Hence the recursion, from the last channel
+    (``D = inf``: it is never the lower end, so it is the last survivor) down::
+
+        D(v) = min { d(v, u) : u > v, D(u) ≥ d(v, u) }
+
+    and the removal order is the ``(D(v), v)`` order, each channel removed at distance ``D(v)``
+    (its nearest-survivor distance at that step). Only the upper triangle of ``d`` is read.
+    """
+    n = d.shape[0]
+    death = np.full(n, math.inf, dtype=d.dtype)
+    mask = np.empty(n, dtype=bool)
+    reduce, less_equal = np.minimum.reduce, np.less_equal
+    for v in range(n - 2, -1, -1):
+        row = d[v, v + 1 :]
+        ok = less_equal(row, death[v + 1 :], out=mask[: n - 1 - v])
+        death[v] = reduce(row, where=ok, initial=math.inf)
+    return death
 
 
 def _leave_one_out_shifts(t: Tensor, dim: int, alive_idx: Tensor, metric: str) -> Tensor:
