@@ -1,8 +1,9 @@
 """Attention-head pruning of a ViT trained on Fashion-MNIST, one-shot, on CPU.
 
-Model: torchvision's ``VisionTransformer`` scaled to 1×28×28 (:func:`torch_qmprune.models.small_vit`:
-4 layers × 8 heads, hidden 128, 16 patches of 7×7), trained on all 60,000 training images by
-:func:`torch_qmprune.zoo.get_baseline` (``"vit"``, cached). Calibration: ``--calibration`` training
+Model: torchvision's ``VisionTransformer`` scaled to 1×28×28
+(:func:`torch_qmprune.models.small_vit`: 4 layers × 8 heads, hidden 128, 16 patches of 7×7),
+trained on all 60,000 training images by :func:`torch_qmprune.zoo.get_baseline` (``"vit"``,
+cached). Calibration: ``--calibration`` training
 images (one shared pass of :func:`~torch_qmprune.heads.collect_head_grams`). Evaluation: the
 10,000 test images (or ``--test-limit``).
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -79,14 +79,19 @@ def iter_calibration(calibration: Any, max_batches: int | None = None) -> Iterab
         yield batch
 
 
-def _forward(model: nn.Module, batch: Any, device: torch.device | None) -> Any:
-    if isinstance(batch, dict):
-        batch = {k: (v.to(device) if device is not None and torch.is_tensor(v) else v)
-                 for k, v in batch.items()}
-        return model(**batch)
-    if device is not None and torch.is_tensor(batch):
-        batch = batch.to(device)
-    return model(batch)
+def _forward(model: nn.Module, batch: Any, device: torch.device | None = None) -> Any:
+    """Call ``model`` on one batch: a dict is keyword arguments, a tuple/list positional ones,
+    anything else the single input; tensors move to ``device`` when it is given. The one home
+    of this rule (calibration, hardware timing and low-rank error checks all use it)."""
+
+    def move(v: Any) -> Any:
+        return v.to(device) if device is not None and torch.is_tensor(v) else v
+
+    if isinstance(batch, Mapping):
+        return model(**{k: move(v) for k, v in batch.items()})
+    if isinstance(batch, (tuple, list)):
+        return model(*(move(v) for v in batch))
+    return model(move(batch))
 
 
 @torch.no_grad()

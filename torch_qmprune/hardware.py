@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ._validation import check_ratio
+from .calibration import _forward
 from .spectral import fubini_study, spectral_state
 
 __all__ = [
@@ -195,14 +196,6 @@ def load_profile(name_or_path: str | os.PathLike[str] | Mapping[str, Any]) -> di
 # ---------------------------------------------------------------------------------------------
 # per-layer MACs and timing
 # ---------------------------------------------------------------------------------------------
-
-
-def _forward(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
 
 
 def _kind(module: nn.Module) -> str | None:

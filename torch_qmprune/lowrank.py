@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ._transaction import atomic
-from .calibration import InputGram, iter_calibration, recalibrate_batchnorm
+from .calibration import InputGram, _forward, iter_calibration, recalibrate_batchnorm
 from .spectral.states import _weight_and_bias, operator_matrix
 
 __all__ = ["LayerLowRank", "LowRankReport", "factorize_layer", "jensen_shannon_truncation",
@@ -345,14 +345,6 @@ class _OutStats:
     total: Tensor
     count: int
     positions: int
-
-
-def _forward(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
 
 
 @torch.no_grad()
