@@ -24,6 +24,8 @@ from torch_qmprune.models import small_cnn
 from torch_qmprune.spectral import fubini_study
 
 C128 = torch.complex128
+#: the tracker's exact setting: every call, every row, float64 sums
+EXACT = dict(every=1, max_rows=None, product_dtype=torch.float64)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -88,7 +90,7 @@ def test_tracker_windows_and_exact_gram() -> None:
     net = _net()
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(3, 2, 8, 8, generator=g) for _ in range(7)]
-    with torch.no_grad(), SpectralTracker(net, window=3) as tr:
+    with torch.no_grad(), SpectralTracker(net, window=3, **EXACT) as tr:
         for x in xs:
             net(x)
     assert tr.module_names == ["0", "3"]
@@ -133,21 +135,30 @@ def test_tracker_every_and_reference_none() -> None:
     net = nn.Sequential(nn.Linear(3, 4))
     g = torch.Generator().manual_seed(2)
     xs = [torch.randn(5, 3, generator=g) for _ in range(8)]
-    with SpectralTracker(net, window=2, every=2, reference=None) as tr:
+    exact = dict(EXACT, every=2)
+    with SpectralTracker(net, window=4, reference=None, **exact) as tr:
         for x in xs:
             net(x)
     recs = tr.history["0"]
-    assert len(recs) == 2 and all(r.batches == 2 for r in recs)
+    # a window is 4 calls; every=2 processes calls 0 and 2 of each window
+    assert len(recs) == 2 and all(r.batches == 2 and r.calls == 4 for r in recs)
     with torch.no_grad():
         ys = [net(x).double() for x in xs]
-    used = torch.cat([ys[0], ys[2]])  # calls 1 and 3 of 8 (every=2) make the first window
-    torch.testing.assert_close(recs[0].gram, used.T @ used, rtol=1e-12, atol=1e-12)
+    for rec, used in zip(recs, (torch.cat([ys[0], ys[2]]), torch.cat([ys[4], ys[6]]))):
+        torch.testing.assert_close(rec.gram, used.T @ used, rtol=1e-12, atol=1e-12)
+        assert rec.samples == rec.rows == 10
     assert recs[1].d_fs_ref is None and recs[1].d_fs_prev is not None
-    with SpectralTracker(net, window=2, every=2, product_dtype=torch.float32) as tr32:
+    with SpectralTracker(net, window=4, **dict(exact, product_dtype=torch.float32)) as tr32:
         for x in xs:
             net(x)
     assert tr32.history["0"][0].gram.dtype == torch.float64
     torch.testing.assert_close(tr32.history["0"][0].gram, recs[0].gram, rtol=1e-5, atol=1e-5)
+    # every > window: only the first call of each window is processed
+    with SpectralTracker(net, window=3, every=5, max_rows=None) as tr5:
+        for x in xs:
+            net(x)
+    assert [(r.calls, r.batches) for r in tr5.history["0"]] == [(3, 1), (3, 1)]
+    assert tr5.flush()["0"].calls == 2
 
 
 def test_tracker_detects_drift() -> None:
@@ -232,7 +243,7 @@ def test_tracker_under_torch_compile() -> None:
 def test_tracker_cuda() -> None:
     net = _net().cuda()
     xs = [torch.randn(3, 2, 8, 8, device="cuda") for _ in range(4)]
-    with torch.no_grad(), SpectralTracker(net, window=2) as tr:
+    with torch.no_grad(), SpectralTracker(net, window=2, **EXACT) as tr:
         for x in xs:
             net(x)
     rec = tr.history["0"][0]
@@ -240,11 +251,20 @@ def test_tracker_cuda() -> None:
     with torch.no_grad():
         y = torch.cat([_conv_rows(net[0](x)) for x in xs[:2]])
     torch.testing.assert_close(rec.gram, (y.T @ y).cpu(), rtol=1e-9, atol=1e-7)
-    with SpectralTracker(net, window=2, device="cpu") as tr_cpu, torch.no_grad():
+    with SpectralTracker(net, window=2, device="cpu", **EXACT) as tr_cpu, torch.no_grad():
         for x in xs:
             net(x)
     torch.testing.assert_close(tr_cpu.history["0"][0].gram, rec.gram, rtol=1e-9, atol=1e-7)
     assert tr.history["0"][1].d_fs_ref == pytest.approx(tr_cpu.history["0"][1].d_fs_ref, abs=1e-9)
+    # defaults on CUDA: rows subsampled on the device, float32, asynchronous hand-over
+    big = [torch.randn(16, 2, 24, 24, device="cuda") for _ in range(8)]
+    with torch.no_grad(), SpectralTracker(net, window=4, max_rows=256) as fast:
+        for x in big:
+            net(x)
+    rec = fast.history["0"][1]
+    assert rec.batches == 2 and rec.rows == 512 and rec.samples == 2 * 16 * 22 * 22
+    assert not rec.rho.is_cuda and abs(float(rec.rho.trace()) - 1) < 1e-9
+    assert rec.d_fs_ref is not None and math.isfinite(rec.d_fs_ref)
 
 
 def test_tracker_validation_and_overhead() -> None:
@@ -263,6 +283,137 @@ def test_tracker_validation_and_overhead() -> None:
     ratio = tracker_overhead(net, torch.randn(8, 2, 8, 8), iters=2)
     assert math.isfinite(ratio) and ratio > 0
     assert dict(net[0]._forward_hooks) == {}
+
+
+def _smooth_images(n: int, seed: int) -> torch.Tensor:
+    """Real-ish inputs: low-frequency random images (7×7 noise upsampled to 28×28)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(n, 1, 7, 7, generator=g)
+    return torch.nn.functional.interpolate(coarse, size=(28, 28), mode="bilinear",
+                                           align_corners=False)
+
+
+def test_subsampled_gram_is_close_and_unbiased() -> None:
+    torch.manual_seed(0)
+    model = small_cnn().eval()
+    xs = [_smooth_images(16, seed) for seed in range(4)]  # features.4: 16·14·14 = 3136 rows
+    layer = "features.4"
+
+    def run(**kw) -> SpectralTracker:
+        with torch.no_grad(), SpectralTracker(model, [layer], window=4,
+                                              **dict(EXACT, **kw)) as tr:
+            for x in xs:
+                model(x)
+        return tr
+
+    exact = run().history[layer][0]
+    sub = run(max_rows=512).history[layer][0]
+    assert exact.rows == exact.samples == 4 * 3136
+    assert sub.samples == exact.samples and sub.rows == 4 * 512
+    rel = float((sub.rho - exact.rho).norm() / exact.rho.norm())
+    assert rel < 0.1
+    assert float(fubini_study(sub.state, exact.state)) < 0.05
+    assert bures_angle(sub.rho, exact.rho) < 0.15
+    # unbiased up to sampling noise: the scaled estimate averages to the full Gram
+    grams = torch.stack([run(max_rows=512, seed=s).history[layer][0].gram for s in range(24)])
+    err_one = float((grams[0] - exact.gram).norm() / exact.gram.norm())
+    err_mean = float((grams.mean(0) - exact.gram).norm() / exact.gram.norm())
+    assert err_mean < 0.4 * err_one and err_mean < 0.03
+    # the default (float32, every=4, 512 rows) is the same estimator on every fourth call
+    default = SpectralTracker(model, [layer], window=8)
+    with torch.no_grad():
+        for x in xs + xs:
+            model(x)
+    default.remove()
+    rec = default.history[layer][0]
+    assert rec.batches == 2 and rec.rows == 1024 and rec.samples == 2 * 3136
+    assert rec.gram.dtype == torch.float64 and rec.calls == 8
+
+
+def test_records_are_lazy_and_match_eager() -> None:
+    net = _net()
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(4, 2, 8, 8, generator=g) * (1 + 0.3 * i) for i in range(6)]
+    trackers = {}
+    for eager in (False, True):
+        with torch.no_grad(), SpectralTracker(net, window=2, eager=eager, **EXACT) as tr:
+            for x in xs:
+                net(x)
+        trackers[eager] = tr
+    lazy_rec = trackers[False].history["0"][2]
+    assert "_eigh" not in lazy_rec.__dict__ and "state" not in lazy_rec.__dict__  # not computed
+    assert "redundancy" in trackers[True].history["0"][2].__dict__
+    for a, b in zip(trackers[False].history["0"], trackers[True].history["0"]):
+        for attr in ("d_fs_prev", "d_fs_ref", "bures_prev", "bures_ref"):
+            va, vb = getattr(a, attr), getattr(b, attr)
+            assert (va is None and vb is None) or va == pytest.approx(vb, abs=1e-12)
+        torch.testing.assert_close(a.redundancy, b.redundancy, rtol=0, atol=1e-12)
+        # eigvalsh (lazy, ψ only) vs eigh (eager): equal up to round-off
+        torch.testing.assert_close(a.state, b.state, rtol=0, atol=1e-12)
+    d = trackers[False].distances("0", bures=False)
+    assert set(d) == {"prev", "ref"} and d["ref"].shape == (3,)
+    assert lazy_rec.reference is trackers[False].history["0"][0]
+    assert lazy_rec.previous is trackers[False].history["0"][1]
+
+
+def test_remove_leaves_rng_and_outputs_untouched_at_defaults() -> None:
+    torch.manual_seed(0)
+    model = small_cnn().eval()
+    x = _smooth_images(8, 3)  # 6,272 rows at features.0: subsampled by default
+    hooks = _hook_snapshot(model)
+    with torch.no_grad():
+        expected = model(x)
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    with torch.no_grad(), SpectralTracker(model, window=1) as tr:
+        out = model(x)
+    assert torch.equal(torch.get_rng_state(), rng)  # row sampling uses its own generator
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert tr.history["features.0"][0].rows == 512
+    assert not tr.active and _hook_snapshot(model) == hooks
+
+
+def test_tracked_importance_prunes_lowest_scores() -> None:
+    import torch_pruning as tp
+
+    from torch_qmprune.dynamics import TrackedImportance
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 3, 3))
+    original = net[0].weight.detach().clone()
+    scores = torch.tensor([5.0, 0.1, 4.0, 0.2, 3.0, 0.3])
+    pruner = tp.pruner.BasePruner(net, torch.randn(1, 2, 8, 8),
+                                  importance=TrackedImportance({net[0]: scores}),
+                                  pruning_ratio=0.5, ignored_layers=[net[3]])
+    pruner.step()
+    assert net[0].out_channels == 3 and net[1].num_features == 3 and net[3].in_channels == 3
+    torch.testing.assert_close(net[0].weight, original[[0, 2, 4]], rtol=0, atol=0)
+    # a group without scores is left alone unless a fallback is given
+    imp = TrackedImportance({})
+    dg = tp.DependencyGraph().build_dependency(net, example_inputs=torch.randn(1, 2, 8, 8))
+    group = dg.get_pruning_group(net[0], tp.prune_conv_out_channels, idxs=[0, 1, 2])
+    assert imp(group) is None
+    assert TrackedImportance({}, fallback=tp.importance.MagnitudeImportance())(group).shape == (3,)
+
+
+def test_forecast_density_matrix_and_residual_energy() -> None:
+    from torch_qmprune.dynamics import channel_residual_energy, forecast_density_matrix
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(400, 4, dtype=torch.float64, generator=g)
+    x[:, 3] = x[:, 0] + 0.2 * x[:, 3]
+    rho = x.T @ x / (x.T @ x).trace()
+    expected = 1 / torch.linalg.inv(rho).diagonal()
+    torch.testing.assert_close(channel_residual_energy(rho), expected, rtol=1e-9, atol=1e-12)
+    # a trajectory whose mass moves linearly from channel 0 to channel 1
+    traj = torch.stack([torch.diag(torch.tensor([0.6 - 0.04 * t, 0.2 + 0.04 * t, 0.1, 0.1],
+                                                dtype=torch.float64)) for t in range(8)])
+    fc = forecast_density_matrix(traj, 2, rank=4, objective="one_step", steps=200)
+    assert fc.shape == (4, 4) and abs(float(fc.trace()) - 1) < 1e-9
+    assert float(torch.linalg.eigvalsh(fc).min()) >= -1e-12
+    assert float(fc[1, 1]) > float(traj[-1][1, 1]) and float(fc[0, 0]) < float(traj[-1][0, 0])
+    with pytest.raises(ValueError):
+        forecast_density_matrix(traj[:1], 1)
 
 
 def test_channel_redundancy_is_sin_squared_of_fs_angle() -> None:
@@ -409,7 +560,7 @@ def test_forecast_channel_redundancy_follows_a_trend() -> None:
     # channel 2 becomes a copy of channel 0 window by window: its redundancy score falls
     net = nn.Sequential(nn.Identity())
     g = torch.Generator().manual_seed(16)
-    with SpectralTracker(net, modules=[net[0]], window=1) as tr:
+    with SpectralTracker(net, modules=[net[0]], window=1, **EXACT) as tr:
         for t in range(10):
             x = torch.randn(2000, 4, generator=g, dtype=torch.float64)
             x[:, 2] = x[:, 0] + (1.0 - 0.08 * t) * x[:, 2]

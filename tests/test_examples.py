@@ -91,3 +91,26 @@ def test_policy_gate_quick():
     assert abs(out["uniform"]["macs_kept"] / 0.5 - 1) <= 0.05
     assert out["policy"]["widths"] != out["uniform"]["widths"]
     assert out["policy"]["accuracy"] > 50.0 and out["dense"] > 60.0
+
+
+@requires_fmnist
+def test_kernel_approx_quick():
+    out = _load("kernel_approx").main(["--quick"])
+    assert out["replaced"] and out["params_after"] < out["params_before"]
+    assert 0.0 < out["params_saved"] < 1.0
+    assert out["output_shape"] == (256, 10)  # the compressed model runs
+    assert out["calibration_error"] < 0.5 and out["test_error"] < 0.5
+    assert 0.0 <= out["compressed"] <= 100.0
+
+
+@requires_fmnist
+def test_tracker_predictor_quick():
+    import math
+
+    out = _load("tracker_predictor").main(["--quick"])
+    assert out["windows"] == 8 and out["d_fs"][0] == 0.0
+    assert out["d_fs"][-1] > out["d_fs"][1]  # the noise drift is seen
+    assert len(out["forecast"]) == 3 and all(math.isfinite(v) for v in out["forecast"])
+    assert abs(out["rho_trace"] - 1.0) < 1e-9
+    red = out["redundancy"]
+    assert red.shape == (64,) and bool(((red >= 0) & (red <= 1)).all())

@@ -4,11 +4,13 @@ a Lindblad predictor of how the activation density matrix drifts.
 Three pieces:
 
 * :class:`SpectralTracker` — forward hooks that stream the Gram matrix ``G = XᵀX`` of each tracked
-  module's *output* activations (channels as features, pixels/tokens as samples, float64, the
-  activations themselves are never stored) and, every ``window`` batches, emit a
-  :class:`WindowRecord`: the density matrix ρ_t = G / tr G, its spectral state, the Fubini–Study
-  distance d_FS,t to the previous window and to a reference window, and per-channel redundancy
-  scores.
+  module's *output* activations (channels as features, pixels/tokens as samples; the activations
+  themselves are never stored) and, every ``window`` forward calls, emit a :class:`WindowRecord`:
+  the density matrix ρ_t = G / tr G, its spectral state, the Fubini–Study distance d_FS,t to the
+  previous window and to a reference window, and per-channel redundancy scores. By default one
+  call in four is processed, at most 512 rows per call (an unbiased subsample), in float32, and
+  the derived quantities are computed when first read — see the class docstring for the cost
+  model and the exact setting.
 * :class:`LindbladPredictor` — a learned open-quantum-system model of the trajectory ρ_0, ρ_1, …:
 
       dρ/dt = −i[H(t), ρ] + Σ_k ( L_k ρ L_k† − ½{L_k†L_k, ρ} ),   H(t) = H_0 (+ t·H_1),
@@ -19,8 +21,10 @@ Three pieces:
   (d tr ρ/dt = Σ_k tr(L_k†L_k ρ) > 0), so ρ stops being a density matrix. Here the full GKSL
   (Lindblad) form is used; :func:`liouvillian` and :func:`lindblad_rhs` take
   ``anticommutator=False`` to reproduce the paper's form for comparison.
-* :func:`forecast_channel_redundancy` — predictive pruning: per-channel redundancy scores of the
-  density matrix forecast ``horizon`` windows ahead (lower = more redundant), usable as importance.
+* :func:`forecast_density_matrix` / :func:`forecast_channel_redundancy` — predictive pruning:
+  the density matrix forecast ``horizon`` windows ahead and its per-channel redundancy scores;
+  :class:`TrackedImportance` feeds such scores (current or forecast) to Torch-Pruning's pruners,
+  so forecast-redundant channels are removed through the same machinery as current ones.
 
 Conventions
 -----------
@@ -51,15 +55,19 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Iterable, Literal
 
 import torch
+import torch_pruning as tp
 from torch import Tensor, nn
 
 from torch_qmprune.calibration import _features
+from torch_qmprune.importance import _is_out
 from torch_qmprune.spectral import fubini_study
 
 __all__ = [
@@ -73,6 +81,9 @@ __all__ = [
     "lindblad_rhs",
     "LindbladPredictor",
     "forecast_channel_redundancy",
+    "forecast_density_matrix",
+    "channel_residual_energy",
+    "TrackedImportance",
 ]
 
 _F64 = torch.float64
@@ -177,49 +188,154 @@ def _redundancy_from_eigh(w: Tensor, u: Tensor, diag: Tensor, eps: float = 1e-10
 # =============================================================================================
 
 
-@dataclass
 class WindowRecord:
-    """What a :class:`SpectralTracker` emits for one module at the end of one window.
+    """What a :class:`SpectralTracker` emits for one module at the end of one window (§3.3).
+
+    Closing a window only hands the running Gram over (no copy, no device synchronization);
+    everything derived from it is computed the first time it is read and then cached, so a
+    tracker that is only *recording* costs the hook's matrix product and nothing else. Reading
+    ``d_fs_*`` costs one ``eigvalsh`` per record; ``redundancy`` and ``bures_*`` one ``eigh``
+    (plus one SVD per Bures pair). :meth:`finalize` computes everything at once.
 
     Attributes:
         index: window number (0-based) for this module.
-        batches: forward calls accumulated in the window.
-        samples: rows of the activation matrix (batch × pixels for convolutions).
-        gram: ``XᵀX`` of the window's output activations, ``(d, d)`` float64 (every tensor of a
-            record is on the CPU).
+        calls: hooked forward calls the window spans (``window``, fewer for a flushed window).
+        batches: calls whose activations entered the Gram (one in ``every``).
+        samples: activation rows of those calls (batch × pixels for convolutions): the rows
+            ``gram`` stands for.
+        rows: rows actually multiplied (``samples`` unless rows were subsampled, ``max_rows``).
+        gram: ``XᵀX`` of the window's processed output activations, ``(d, d)`` float64 (an
+            unbiased estimate of it when rows were subsampled; every tensor of a record is on
+            the CPU).
         mean: per-channel mean activation, ``(d,)`` float64.
         rho: density matrix ρ_t = G / tr G.
         eigenvalues: eigenvalues of ρ_t, descending, clamped ≥ 0.
         state: spectral state ψ_t = sqrt(eigenvalues) (the normalized singular-value spectrum of
             the activation matrix, §2.1).
-        d_fs_prev: d_FS(ψ_t, ψ_{t−1}) (None for the first window).
+        d_fs_prev: d_FS(ψ_t, ψ_{t−1}) (§2.3; None for the first window).
         d_fs_ref: d_FS(ψ_t, ψ_ref) to the reference window (None without a reference).
         bures_prev / bures_ref: Bures angles between the density matrices, same pairs.
         redundancy: per-channel scores 1/([G⁻¹]_ii G_ii) (lower = more redundant).
-        seconds: wall time spent finalizing the window.
+        previous / reference: the records these distances are measured to (or None).
+        seconds: wall time the hook spent closing the window.
     """
 
-    index: int
-    batches: int
-    samples: int
-    gram: Tensor
-    mean: Tensor
-    rho: Tensor
-    eigenvalues: Tensor
-    state: Tensor
-    d_fs_prev: float | None
-    d_fs_ref: float | None
-    bures_prev: float | None
-    bures_ref: float | None
-    redundancy: Tensor
-    seconds: float = 0.0
+    def __init__(
+        self,
+        index: int,
+        batches: int,
+        samples: int,
+        gram: Tensor,
+        colsum: Tensor,
+        *,
+        calls: int | None = None,
+        rows: int | None = None,
+        previous: WindowRecord | None = None,
+        reference: WindowRecord | Literal["self"] | None = None,
+        seconds: float = 0.0,
+        event: Any = None,
+    ) -> None:
+        self.index = index
+        self.batches = batches
+        self.samples = samples
+        self.calls = batches if calls is None else calls
+        self.rows = samples if rows is None else rows
+        self.previous = previous
+        self.reference = self if reference == "self" else reference
+        self.seconds = seconds
+        self._raw_gram, self._raw_colsum, self._event = gram, colsum, event
+
+    def _raw(self) -> tuple[Tensor, Tensor]:
+        if self._event is not None:  # asynchronous device-to-host copy still in flight
+            self._event.synchronize()
+            self._event = None
+        return self._raw_gram, self._raw_colsum
+
+    @cached_property
+    def gram(self) -> Tensor:
+        return _sym(self._raw()[0].to("cpu", _F64))
+
+    @cached_property
+    def mean(self) -> Tensor:
+        return self._raw()[1].to("cpu", _F64) / max(self.samples, 1)
+
+    @cached_property
+    def rho(self) -> Tensor:
+        gram = self.gram
+        trace = gram.diagonal().sum()
+        if trace > 0:
+            return gram / trace
+        # all-zero activations: maximally mixed by convention
+        return torch.eye(gram.shape[0], dtype=_F64) / gram.shape[0]
+
+    @cached_property
+    def _eigh(self) -> tuple[Tensor, Tensor]:
+        return torch.linalg.eigh(self.rho)
+
+    @cached_property
+    def eigenvalues(self) -> Tensor:
+        w = self._eigh[0] if "_eigh" in self.__dict__ else torch.linalg.eigvalsh(self.rho)
+        return torch.flip(w.clamp(min=0.0), dims=[0])
+
+    @cached_property
+    def state(self) -> Tensor:
+        psi = self.eigenvalues.sqrt()
+        return psi / torch.linalg.vector_norm(psi).clamp_min(1e-300)
+
+    @cached_property
+    def _root(self) -> Tensor:
+        w, u = self._eigh
+        return (u * w.clamp(min=0.0).sqrt().unsqueeze(0)) @ u.T
+
+    @cached_property
+    def redundancy(self) -> Tensor:
+        w, u = self._eigh
+        return _redundancy_from_eigh(w, u, self.rho.diagonal())
+
+    def _fs(self, other: WindowRecord | None) -> float | None:
+        if other is None:
+            return None
+        return 0.0 if other is self else float(fubini_study(self.state, other.state))
+
+    def _bures(self, other: WindowRecord | None) -> float | None:
+        if other is None:
+            return None
+        return 0.0 if other is self else _bures_from_roots(self._root, other._root)
+
+    @cached_property
+    def d_fs_prev(self) -> float | None:
+        return self._fs(self.previous)
+
+    @cached_property
+    def d_fs_ref(self) -> float | None:
+        return self._fs(self.reference)
+
+    @cached_property
+    def bures_prev(self) -> float | None:
+        return self._bures(self.previous)
+
+    @cached_property
+    def bures_ref(self) -> float | None:
+        return self._bures(self.reference)
+
+    def finalize(self) -> WindowRecord:
+        """Compute every derived quantity now (they are cached); returns ``self``."""
+        for name in ("gram", "mean", "rho", "state", "redundancy", "d_fs_prev", "d_fs_ref",
+                     "bures_prev", "bures_ref"):
+            getattr(self, name)
+        return self
+
+    def __repr__(self) -> str:
+        return (f"WindowRecord(index={self.index}, calls={self.calls}, batches={self.batches}, "
+                f"samples={self.samples}, rows={self.rows}, dim={self._raw_gram.shape[0]})")
 
 
 @dataclass
 class _Accumulator:
-    gram: Tensor | None = None
+    gram: Tensor | None = None  # running Σ scale·XᵀX, product dtype, on the activations' device
     colsum: Tensor | None = None
     samples: int = 0
+    rows: int = 0
     batches: int = 0
     calls: int = 0
 
@@ -230,8 +346,6 @@ class _ModuleState:
     acc: _Accumulator = field(default_factory=_Accumulator)
     reference: WindowRecord | None = None
     previous: WindowRecord | None = None
-    root_prev: Tensor | None = None
-    root_ref: Tensor | None = None
 
 
 def _output_features(module: nn.Module, y: Tensor) -> Tensor | None:
@@ -259,34 +373,61 @@ def _unwrap_compiled(model: nn.Module) -> tuple[nn.Module, bool]:
 class SpectralTracker:
     """Stream activation density matrices of a model's layers, window by window (paper §3.3).
 
-    Forward hooks on the tracked modules add ``XᵀX`` (float64) of each output activation to a
-    running Gram; every ``window`` hooked calls of a module a :class:`WindowRecord` is appended to
-    ``tracker.history[name]``. Nothing else about the model changes: :meth:`remove` (or leaving
-    the ``with`` block) removes exactly the hooks it added. Works in train or eval mode, under
-    ``torch.no_grad``, on CPU or CUDA (running Grams live on the activations' device unless
-    ``device`` is given; the emitted :class:`WindowRecord` tensors are always on the CPU).
-    For ``torch.compile``: the hook body is excluded from tracing (``torch.compiler.disable``),
-    so hooks may be registered on the eager model before or after compiling, or on the compiled
-    wrapper itself (its ``_orig_mod`` is hooked; names drop the ``_orig_mod.`` prefix). Expect a
-    graph break per tracked module.
+    Forward hooks on the tracked modules add ``XᵀX`` of each output activation X (rows = samples,
+    pixels of a convolution included; columns = channels) to a running Gram. A window is
+    ``window`` consecutive hooked calls of a module; of those, calls 0, ``every``, 2·``every``, …
+    are processed (the others only bump a counter); when the window's last call returns, a
+    :class:`WindowRecord` is appended to ``tracker.history[name]`` carrying ρ_t = G / tr G, its
+    spectral state ψ_t, d_FS,t to the previous and the reference window (Eq. 6 of the paper's
+    time-varying distance) and per-channel redundancy. Activations are never stored.
 
-    Cost: each hooked call copies the activations to a (samples × channels) float64 matrix and
-    multiplies it by itself; each window end does one d × d eigendecomposition on the CPU. On a
-    small network the Gram can cost as much as the layer (see :func:`tracker_overhead`); use
-    ``every`` > 1, fewer modules, or ``product_dtype=torch.float32`` to pay less.
+    Nothing else about the model changes: outputs, gradients and the global RNG are untouched
+    (row sampling uses the tracker's own generator), and :meth:`remove` (or leaving the ``with``
+    block) removes exactly the hooks it added. Works in train or eval mode, under
+    ``torch.no_grad``, on CPU or CUDA (running Grams live on the activations' device unless
+    ``device`` is given; records hand them to the CPU asynchronously and their tensors are
+    always on the CPU). For ``torch.compile``: the hook body is excluded from tracing
+    (``torch.compiler.disable``), so hooks may be registered on the eager model before or after
+    compiling, or on the compiled wrapper itself (its ``_orig_mod`` is hooked; names drop the
+    ``_orig_mod.`` prefix). Expect a graph break per tracked module.
+
+    Cost, and why the defaults are what they are: a processed call costs one
+    ``rows × d × d`` product (one ``addmm`` into the running buffer, no float64 copy of the
+    activations); closing a window costs nothing more (derived quantities are computed when
+    read, see :class:`WindowRecord`). Measured on ResNet-18 (CPU, every Conv/Linear tracked) the
+    defaults keep throughput within the 10 % target — numbers and command in
+    ``docs/results/dynamics.md``; ``every=1, max_rows=None, product_dtype=torch.float64`` is the
+    exact (and expensive) setting.
+
+    Row subsampling (``max_rows``): a call with n > ``max_rows`` activation rows multiplies
+    R ≤ ``max_rows`` of them and scales the product so that it is an unbiased estimator of the
+    call's ``XᵀX``; ρ = G / tr G is normalized by the trace anyway. Rows of a (N, C, pixels)
+    output are stratified by sample — k = ⌊max_rows / N⌋ uniformly drawn pixel positions in
+    every sample, scale pixels / k (or, when N > max_rows, one position in each of max_rows
+    samples drawn without replacement, scale N·pixels / max_rows) — since pixels of one image are
+    strongly correlated and images differ; 2-D outputs (Linear, tokens) draw rows uniformly with
+    replacement, scale n / R. Either way E[scale · Σ_j x_{i_j} x_{i_j}ᵀ] = XᵀX. The price is
+    sampling noise in ρ, which sets a noise floor under d_FS,t (measured: ~0.01 on ResNet-18, see
+    ``docs/results/dynamics.md``); raise ``max_rows`` or ``window``, or use the exact setting,
+    to resolve smaller drifts.
 
     Args:
         model: the network (or a ``torch.compile`` wrapper of it).
         modules: names or modules to track; default every Conv and Linear.
-        window: hooked calls per window.
-        every: process one call in ``every`` (the others only bump a counter).
+        window: hooked calls per window (the time axis of the drift: one window spans the same
+            stretch of the stream whatever ``every`` is).
+        every: process one call in ``every`` within each window (the first call of a window is
+            always processed, so every window holds ceil(window / every) batches).
         reference: ``"first"`` — distances to the module's first window; ``None`` — none.
         device: where the Grams are accumulated (default: the activation's device).
         feature_fn: optional ``f(module, output) -> (samples, channels)`` override.
         max_dim: modules with more output channels are skipped (with a warning).
-        product_dtype: dtype of each batch's ``XᵀX`` product (float64 default: exact sums;
-            float32 halves the hook's cost on CPU, relative error ~1e-7·√rows per batch). The
-            running window sum is float64 either way.
+        max_rows: rows multiplied per processed call (subsampled above it; ``None`` = all).
+        product_dtype: dtype of the products and of the running window sum (float32 default;
+            float64 for exact sums). Records are float64 either way.
+        eager: compute every record's derived quantities when its window closes (the old,
+            costlier behaviour) instead of on first read.
+        seed: seed of the row-sampling generator.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
@@ -305,19 +446,26 @@ class SpectralTracker:
         modules: Iterable[nn.Module | str] | None = None,
         *,
         window: int = 8,
-        every: int = 1,
+        every: int = 4,
         reference: Literal["first"] | None = "first",
         device: torch.device | str | None = None,
         feature_fn: Callable[[nn.Module, Tensor], Tensor | None] | None = None,
         max_dim: int = 4096,
-        product_dtype: torch.dtype = torch.float64,
+        max_rows: int | None = 512,
+        product_dtype: torch.dtype = torch.float32,
+        eager: bool = False,
+        seed: int = 0,
     ) -> None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be an int >= 1, got {window!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        for arg, value in (("window", window), ("every", every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{arg} must be an int >= 1, got {value!r}")
+        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int)
+                                     or max_rows < 1):
+            raise ValueError(f"max_rows must be None or an int >= 1, got {max_rows!r}")
         if reference not in ("first", None):
             raise ValueError(f"reference must be 'first' or None, got {reference!r}")
+        if product_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"product_dtype must be float32 or float64, got {product_dtype}")
         base, self.compiled = _unwrap_compiled(model)
         self.model = model
         self.window = window
@@ -326,9 +474,11 @@ class SpectralTracker:
         self.device = torch.device(device) if device is not None else None
         self.feature_fn = feature_fn
         self.max_dim = max_dim
-        if product_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"product_dtype must be float32 or float64, got {product_dtype}")
+        self.max_rows = max_rows
         self.product_dtype = product_dtype
+        self.eager = eager
+        self.seed = seed
+        self._generators: dict[str, torch.Generator] = {}
         names = {m: n for n, m in base.named_modules()}
         if modules is None:
             targets = [m for m in base.modules()
@@ -368,80 +518,122 @@ class SpectralTracker:
         if state is None or state.name in self.skipped or not torch.is_tensor(output):
             return
         acc = state.acc
+        position = acc.calls
         acc.calls += 1
-        if (acc.calls - 1) % self.every:
-            return
-        with torch.no_grad():
-            y = output.detach()
-            feats = (self.feature_fn or _output_features)(module, y)
-            if feats is None:
-                self.skipped[state.name] = "no channel layout for this output"
-                return
-            if feats.shape[1] > self.max_dim:
-                self.skipped[state.name] = f"{feats.shape[1]} channels > max_dim={self.max_dim}"
-                warnings.warn(f"SpectralTracker: skipping {state.name!r}: "
-                              f"{self.skipped[state.name]}", stacklevel=2)
-                return
-            if self.device is not None:
-                feats = feats.to(self.device)
-            x = feats.to(self.product_dtype)
-            g = (x.T @ x).to(_F64)
-            s = x.sum(dim=0, dtype=_F64)
-            if acc.gram is None:
-                acc.gram, acc.colsum = g, s
-            else:
-                acc.gram += g
-                acc.colsum += s
-            acc.samples += x.shape[0]
-            acc.batches += 1
-        if acc.batches >= self.window:
+        if position % self.every == 0:
+            with torch.no_grad():
+                self._accumulate(state, module, output.detach())
+        if acc.calls >= self.window and state.name not in self.skipped:
             self._emit(state)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            self._generators[key] = gen
+        return gen
+
+    def _sample(self, n: int, device: torch.device) -> Tensor | None:
+        """Row indices to multiply (uniform with replacement), or None for all ``n`` rows."""
+        if self.max_rows is None or n <= self.max_rows:
+            return None
+        return torch.randint(n, (self.max_rows,), generator=self._generator(device),
+                             device=device)
+
+    def _rows(self, module: nn.Module, y: Tensor) -> tuple[Tensor, int] | None:
+        """(rows to multiply, rows they stand for): ``(r, d)`` and n ≥ r."""
+        if self.feature_fn is not None:
+            feats = self.feature_fn(module, y)
+            if feats is None:
+                return None
+            idx = self._sample(feats.shape[0], feats.device)
+            return (feats if idx is None else feats[idx]), feats.shape[0]
+        if y.ndim == 0:
+            return None
+        if isinstance(module, nn.Linear) or y.ndim <= 2:
+            flat = y.reshape(-1, y.shape[-1])
+            idx = self._sample(flat.shape[0], flat.device)
+            return (flat if idx is None else flat[idx]), flat.shape[0]
+        # channels in dim 1 (convolutions, norms, activations): (N, C, P) without a copy where
+        # the layout allows; gather only the sampled (n, p) rows
+        y3 = y.flatten(2)
+        images, pixels = y3.shape[0], y3.shape[2]
+        n = images * pixels
+        if self.max_rows is None or n <= self.max_rows:
+            return y3.transpose(1, 2).reshape(n, y3.shape[1]), n
+        # stratified by sample: k uniform positions in every image (all images weigh the same,
+        # which removes the between-image part of the sampling variance), or one position in
+        # each of max_rows images drawn without replacement when the batch is larger
+        gen = self._generator(y3.device)
+        k = self.max_rows // images
+        if k >= 1:
+            img = torch.arange(images, device=y3.device).repeat_interleave(k)
+        else:
+            img = torch.randperm(images, generator=gen, device=y3.device)[:self.max_rows]
+        pos = torch.randint(pixels, (img.shape[0],), generator=gen, device=y3.device)
+        return y3[img, :, pos], n
+
+    def _accumulate(self, state: _ModuleState, module: nn.Module, y: Tensor) -> None:
+        got = self._rows(module, y)
+        if got is None:
+            self.skipped[state.name] = "no channel layout for this output"
+            return
+        x, n = got
+        if x.ndim != 2:
+            raise ValueError(f"SpectralTracker: features of {state.name!r} must be 2-D "
+                             f"(samples, channels), got {tuple(x.shape)}")
+        if x.shape[1] > self.max_dim:
+            self.skipped[state.name] = f"{x.shape[1]} channels > max_dim={self.max_dim}"
+            warnings.warn(f"SpectralTracker: skipping {state.name!r}: "
+                          f"{self.skipped[state.name]}", stacklevel=3)
+            return
+        if self.device is not None:
+            x = x.to(self.device)
+        x = x.to(self.product_dtype)
+        scale = n / x.shape[0] if x.shape[0] else 1.0
+        acc = state.acc
+        if acc.gram is None:
+            acc.gram = x.T @ x
+            acc.colsum = x.sum(dim=0)
+            if scale != 1.0:
+                acc.gram.mul_(scale)
+                acc.colsum.mul_(scale)
+        else:
+            acc.gram.addmm_(x.T, x, alpha=scale)
+            acc.colsum.add_(x.sum(dim=0), alpha=scale)
+        acc.samples += n
+        acc.rows += x.shape[0]
+        acc.batches += 1
 
     def _emit(self, state: _ModuleState) -> WindowRecord | None:
         acc = state.acc
         if acc.gram is None or acc.batches == 0:
             return None
         start = time.perf_counter()
-        # window statistics are d × d: the eigendecomposition is much faster on the CPU than a
-        # cuSOLVER call plus its synchronizations, so records always live on the CPU
-        gram = _sym(acc.gram).cpu()
-        mean = (acc.colsum / max(acc.samples, 1)).cpu()
-        trace = gram.diagonal().sum()
-        if trace > 0:
-            rho = gram / trace
-        else:  # all-zero activations: maximally mixed by convention
-            rho = torch.eye(gram.shape[0], dtype=_F64) / gram.shape[0]
-        w, u = torch.linalg.eigh(rho)  # one decomposition serves ψ, √ρ and the redundancy
-        wc = w.clamp(min=0.0)
-        lam = torch.flip(wc, dims=[0])
-        psi = lam.sqrt()
-        psi = psi / torch.linalg.vector_norm(psi)
-        root = (u * wc.sqrt().unsqueeze(0)) @ u.T
-        prev, ref = state.previous, state.reference
-        rec = WindowRecord(
-            index=len(self.history[state.name]),
-            batches=acc.batches,
-            samples=acc.samples,
-            gram=gram,
-            mean=mean,
-            rho=rho,
-            eigenvalues=lam,
-            state=psi,
-            d_fs_prev=None if prev is None else float(fubini_study(psi, prev.state)),
-            d_fs_ref=None if ref is None else float(fubini_study(psi, ref.state)),
-            bures_prev=None if prev is None else _bures_from_roots(root, state.root_prev),
-            bures_ref=None if ref is None else _bures_from_roots(root, state.root_ref),
-            redundancy=_redundancy_from_eigh(w, u, rho.diagonal()),
-        )
-        state.root_prev = root
+        gram, colsum, event = acc.gram, acc.colsum, None
+        if gram.device.type == "cuda":
+            # window statistics are d × d: analysis runs on the CPU (an eigendecomposition there
+            # beats a cuSOLVER call plus its synchronizations); start the copy, do not wait
+            gram = gram.to("cpu", non_blocking=True)
+            colsum = colsum.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        ref = state.reference
         if self.reference == "first" and ref is None:
-            state.reference, state.root_ref = rec, root
-            rec.d_fs_ref, rec.bures_ref = 0.0, 0.0
+            ref = "self"
+        rec = WindowRecord(len(self.history[state.name]), acc.batches, acc.samples, gram,
+                           colsum, calls=acc.calls, rows=acc.rows, previous=state.previous,
+                           reference=ref, event=event)
+        if ref == "self":
+            state.reference = rec
         state.previous = rec
+        state.acc = _Accumulator()
+        if self.eager:
+            rec.finalize()
         rec.seconds = time.perf_counter() - start
         self.history[state.name].append(rec)
-        calls = acc.calls
-        state.acc = _Accumulator(calls=calls)
         return rec
 
     # -- public API ---------------------------------------------------------------------------
@@ -465,17 +657,20 @@ class SpectralTracker:
         recs = self._records(module_name)
         return torch.stack([r.rho for r in recs])
 
-    def distances(self, module_name: str) -> dict[str, Tensor]:
+    def distances(self, module_name: str, *, bures: bool = True) -> dict[str, Tensor]:
         """d_FS and Bures angles per window: keys ``"prev"``, ``"ref"``, ``"bures_prev"``,
-        ``"bures_ref"``; ``(T,)`` float64 tensors, NaN where undefined."""
+        ``"bures_ref"``; ``(T,)`` float64 tensors, NaN where undefined. ``bures=False`` skips
+        the (costlier) Bures angles and their keys."""
         recs = self._records(module_name)
 
         def col(attr: str) -> Tensor:
             return torch.tensor([math.nan if getattr(r, attr) is None else getattr(r, attr)
                                  for r in recs], dtype=_F64)
 
-        return {"prev": col("d_fs_prev"), "ref": col("d_fs_ref"),
-                "bures_prev": col("bures_prev"), "bures_ref": col("bures_ref")}
+        out = {"prev": col("d_fs_prev"), "ref": col("d_fs_ref")}
+        if bures:
+            out.update(bures_prev=col("bures_prev"), bures_ref=col("bures_ref"))
+        return out
 
     def redundancy(self, module_name: str) -> Tensor:
         """Per-channel redundancy of every window, ``(T, d)`` float64."""
@@ -511,25 +706,28 @@ class SpectralTracker:
     def __repr__(self) -> str:
         counts = {n: len(v) for n, v in self.history.items()}
         return (f"SpectralTracker(window={self.window}, every={self.every}, "
-                f"reference={self.reference!r}, windows={counts}, active={self.active})")
+                f"max_rows={self.max_rows}, reference={self.reference!r}, windows={counts}, "
+                f"active={self.active})")
 
 
 def tracker_overhead(
-    model: nn.Module, batch: Tensor, iters: int = 10, **tracker_kwargs: Any
+    model: nn.Module, batch: Tensor, iters: int = 10, *, repeats: int = 3, **tracker_kwargs: Any
 ) -> float:
     """Throughput ratio tracked / untracked (≤ 1; 1 = free) of ``model(batch)`` under no_grad.
 
-    Runs one warm-up call each, then ``iters`` timed calls without and with a
-    :class:`SpectralTracker` (``tracker_kwargs`` are passed on; hooks removed afterwards).
-    Wall-clock, so noisy on shared machines: use it for orders of magnitude.
+    ``repeats`` rounds, each timing ``iters`` calls without and then with a fresh
+    :class:`SpectralTracker` (``tracker_kwargs`` are passed on; hooks removed after each round),
+    after one warm-up call each; the ratio of the median round times is returned. Interleaving
+    keeps a drifting machine load from favouring one side. Wall-clock, so noisy on shared
+    machines: ``benchmarks/tracker_overhead.py`` is the careful version.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
         >>> 0 < tracker_overhead(net, torch.randn(256, 64), iters=3) < 10
         True
     """
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}")
+    if iters < 1 or repeats < 1:
+        raise ValueError(f"iters and repeats must be >= 1, got {iters}, {repeats}")
     sync = torch.cuda.synchronize if batch.is_cuda else (lambda: None)
 
     def timed() -> float:
@@ -542,10 +740,12 @@ def tracker_overhead(
             sync()
             return time.perf_counter() - t0
 
-    base = timed()
-    with SpectralTracker(model, **tracker_kwargs):
-        tracked = timed()
-    return base / tracked
+    base, tracked = [], []
+    for _ in range(repeats):
+        base.append(timed())
+        with SpectralTracker(model, **tracker_kwargs):
+            tracked.append(timed())
+    return statistics.median(base) / statistics.median(tracked)
 
 
 # =============================================================================================
@@ -1077,6 +1277,49 @@ def _clip_density(rho: Tensor) -> Tensor:
 # =============================================================================================
 
 
+def forecast_density_matrix(
+    trajectory: Tensor,
+    horizon: int = 1,
+    *,
+    rank: int = 8,
+    windows: int | None = None,
+    predictor: LindbladPredictor | None = None,
+    **predictor_kwargs: Any,
+) -> Tensor:
+    """Density matrix forecast ``horizon`` windows after the last one of ``trajectory`` (§3.3,
+    Eq. 7 in its trace-preserving GKSL form).
+
+    A :class:`LindbladPredictor` of dimension ``min(rank, d)`` is fitted on the last ``windows``
+    (default all) density matrices of the ``(T, d, d)`` trajectory, in the reduced basis of their
+    mean; the last observed ρ is evolved ``horizon`` windows, lifted back to the channel basis
+    (the span(V) block replaced by the forecast, the rest held) and projected to a real density
+    matrix (Hermitian part, eigenvalues clipped at 0, trace one). Pass an already fitted
+    ``predictor`` to skip fitting.
+
+    Returns:
+        ``(d, d)`` float64, trace one.
+
+    Example:
+        >>> traj = torch.stack([torch.diag(torch.tensor([0.5 + 0.05 * t, 0.5 - 0.05 * t],
+        ...                                               dtype=torch.float64)) for t in range(5)])
+        >>> rho = forecast_density_matrix(traj, 2, rank=2, steps=60, polish_steps=20)
+        >>> rho.shape, round(float(torch.trace(rho)), 6)
+        (torch.Size([2, 2]), 1.0)
+    """
+    traj = trajectory.detach()
+    if traj.ndim != 3 or traj.shape[-1] != traj.shape[-2]:
+        raise ValueError(f"trajectory must be (T, d, d), got {tuple(traj.shape)}")
+    if windows is not None:
+        traj = traj[-windows:]
+    if traj.shape[0] < 2:
+        raise ValueError(f"need at least 2 windows, have {traj.shape[0]}")
+    if predictor is None:
+        predictor = LindbladPredictor(min(rank, traj.shape[-1]), **predictor_kwargs).fit(traj)
+    t0 = getattr(predictor, "t_first", 0.0) + (traj.shape[0] - 1) * predictor.step
+    rho = predictor.predict(traj[-1], horizon, t0=t0)[-1].real
+    return _clip_density(rho)
+
+
 def forecast_channel_redundancy(
     tracker: SpectralTracker,
     module_name: str,
@@ -1091,11 +1334,8 @@ def forecast_channel_redundancy(
     predictive pruning). Lower = more redundant, so the result is usable as an importance
     (keep high scores).
 
-    A :class:`LindbladPredictor` of dimension ``min(rank, d)`` is fitted on the module's last
-    ``windows`` (default all) density matrices in the reduced basis of their mean; the last
-    observed ρ is evolved ``horizon`` windows, lifted back to the channel basis (the span(V) block
-    replaced by the forecast, the rest held), projected to a real density matrix and scored with
-    :func:`channel_redundancy`. Pass an already fitted ``predictor`` to skip fitting.
+    :func:`channel_redundancy` of :func:`forecast_density_matrix` on the module's trajectory
+    (``rank``, ``windows``, ``predictor`` and ``predictor_kwargs`` are passed on).
 
     Returns:
         ``(d,)`` float64 in [0, 1].
@@ -1113,9 +1353,75 @@ def forecast_channel_redundancy(
         traj = traj[-windows:]
     if traj.shape[0] < 2:
         raise ValueError(f"need at least 2 windows of {module_name!r}, have {traj.shape[0]}")
-    if predictor is None:
-        d = traj.shape[-1]
-        predictor = LindbladPredictor(min(rank, d), **predictor_kwargs).fit(traj)
-    t0 = getattr(predictor, "t_first", 0.0) + (traj.shape[0] - 1) * predictor.step
-    rho = predictor.predict(traj[-1], horizon, t0=t0)[-1].real
-    return channel_redundancy(_clip_density(rho))
+    return channel_redundancy(forecast_density_matrix(traj, horizon, rank=rank,
+                                                      predictor=predictor, **predictor_kwargs))
+
+
+def channel_residual_energy(rho: Tensor, *, eps: float = 1e-10) -> Tensor:
+    """Energy of each channel's activation left after regressing it on its siblings,
+    ``1 / [ρ⁻¹]_ii`` = redundancy_i · ρ_ii (the squared FS-distance-weighted norm of the
+    channel's state off the span of the others; 0 = a linear combination of the others).
+
+    Unlike :func:`channel_redundancy` it is not scale invariant: a weak channel scores low even
+    when it is independent, which is what a pruning importance wants (keep high scores).
+
+    Example:
+        >>> channel_residual_energy(torch.diag(torch.tensor([0.75, 0.25], dtype=torch.float64)))
+        tensor([0.7500, 0.2500], dtype=torch.float64)
+    """
+    g = rho.real if rho.is_complex() else rho
+    g = _sym(g.detach().to(_F64))
+    return channel_redundancy(g, eps=eps) * g.diagonal().clamp_min(0.0)
+
+
+class TrackedImportance(tp.importance.Importance):
+    """Torch-Pruning importance from given per-channel scores (higher = keep), so that scores
+    from a :class:`SpectralTracker` — current or forecast (§3.3 predictive pruning) — drive any
+    ``tp.pruner.BasePruner``, the machinery :func:`torch_qmprune.prune` runs on.
+
+    Args:
+        scores: ``{module: (channels,) scores}`` for the modules whose *output* channels the
+            scores describe (a Conv/Linear, or its BatchNorm/activation). In a group every
+            member found in ``scores`` contributes (averaged over members, mapped through the
+            group's root indices); Conv/Linear only count where their outputs are pruned.
+        fallback: importance used for groups with no scored member (default: skip the group,
+            i.e. Torch-Pruning leaves it unpruned).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
+        >>> imp = TrackedImportance({net[0]: torch.tensor([0.1, 3.0, 2.0, 0.2])})
+        >>> pruner = tp.pruner.BasePruner(net, torch.randn(1, 1, 8, 8), importance=imp,
+        ...                               pruning_ratio=0.5, ignored_layers=[net[2]])
+        >>> pruner.step()
+        >>> net[0].out_channels
+        2
+    """
+
+    def __init__(self, scores: dict[nn.Module, Tensor],
+                 fallback: tp.importance.Importance | None = None) -> None:
+        self.scores = {m: torch.as_tensor(s, dtype=_F64).reshape(-1) for m, s in scores.items()}
+        self.fallback = fallback
+
+    @torch.no_grad()
+    def __call__(self, group: Any) -> Tensor | None:
+        n = len(group[0][1])
+        acc = torch.zeros(n, dtype=_F64)
+        hits = torch.zeros(n, dtype=_F64)
+        for i, (dep, idxs) in enumerate(group):
+            module = dep.target.module
+            if module not in self.scores:
+                continue
+            if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and not _is_out(dep):
+                continue
+            roots = group[i].root_idxs
+            if any(r is None for r in roots):
+                continue
+            s = self.scores[module]
+            if max(idxs) >= s.numel():
+                raise ValueError(f"TrackedImportance: {s.numel()} scores for a module with "
+                                 f"channel index {max(idxs)}")
+            acc.scatter_add_(0, torch.tensor(list(roots)), s[list(idxs)])
+            hits.scatter_add_(0, torch.tensor(list(roots)), torch.ones(len(idxs), dtype=_F64))
+        if hits.sum() == 0:
+            return self.fallback(group) if self.fallback is not None else None
+        return (acc / hits.clamp_min(1)).float()
