@@ -327,6 +327,61 @@ def test_leave_one_out_matches_per_channel_loop():
     assert _pruned_channels(mask) == expected
 
 
+def _reference_shifts(t: torch.Tensor, dim: int, metric: str) -> torch.Tensor:
+    """Leave-one-out shifts channel by channel in float64: the SVD of the whole operator and
+    of the operator without each channel (the specification of the secular-equation path)."""
+    from torch_qmprune.spectral import operator_matrix, pairwise_wasserstein2
+
+    t = t.double()
+    full = spectral_state(operator_matrix(t))
+    shifts = []
+    for c in range(t.shape[dim]):
+        rest = torch.cat([t.narrow(dim, 0, c), t.narrow(dim, c + 1, t.shape[dim] - c - 1)], dim)
+        loo = spectral_state(operator_matrix(rest))
+        if metric == "fs":
+            shifts.append(float(fubini_study(full, loo)))
+        else:
+            a, b = torch.nn.functional.pad(loo, (0, full.numel() - loo.numel())), full
+            shifts.append(float(pairwise_wasserstein2(torch.stack([b, a]))[0, 1]))
+    return torch.tensor(shifts, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("metric", ["fs", "w2"])
+@pytest.mark.parametrize(
+    ("shape", "dim"),
+    [((12, 40), 0), ((40, 12), 0), ((12, 40), 1), ((16, 3, 3, 3), 0), ((64, 8, 1, 1), 0),
+     ((9, 9), 0)],
+)
+@pytest.mark.parametrize("duplicate", [False, True])
+def test_leave_one_out_shifts_equal_per_channel_svds(shape, dim, metric, duplicate):
+    gen = torch.Generator().manual_seed(sum(shape))
+    t = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    if duplicate:
+        t[2] = t[1]  # a duplicated channel (dim 0) or column pair: rank deficient
+    n = t.shape[dim]
+    fast = methods._leave_one_out_shifts(t, dim, torch.arange(n), metric)
+    ref = _reference_shifts(t, dim, metric)
+    assert fast.dtype == torch.float64
+    # a zero singular value comes out of a Gram as ~sqrt(eps)·s_max (as with eigvalsh of the
+    # downdated Grams before): agreement to ~1e-7 then, to ~1e-12 at full rank
+    assert torch.allclose(fast, ref, rtol=1e-6 if duplicate else 1e-10, atol=1e-14)
+    some = torch.tensor([n - 1, 0, 3])  # any subset, any order
+    sub = methods._leave_one_out_shifts(t, dim, some, metric)
+    assert torch.allclose(sub, fast[some], rtol=1e-12, atol=0)
+    # float32 weights: float64 math, the result rounded to float32
+    fast32 = methods._leave_one_out_shifts(t.float(), dim, torch.arange(n), metric)
+    assert fast32.dtype == torch.float32
+    assert torch.allclose(fast32.double(), _reference_shifts(t.float(), dim, metric), rtol=1e-5,
+                          atol=1e-9)
+
+
+def test_leave_one_out_shifts_reject_non_finite():
+    w = torch.randn(5, 7)
+    w[2, 3] = math.nan
+    with pytest.raises(ValueError, match="finite"):
+        methods._leave_one_out_shifts(w, 0, torch.arange(5), "fs")
+
+
 def test_structured_counts_only_survivors_and_keeps_default_mask():
     w = _designed_conv_weight()
     default = torch.ones_like(w)

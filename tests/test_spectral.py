@@ -325,6 +325,55 @@ def test_gram_states_shortcuts_and_fallbacks():
             _gram_spectral_states(bad, augment=False)
 
 
+def _downdate_case(n: int, k: int, kind: str, gen: torch.Generator) -> torch.Tensor:
+    m = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    if kind == "low_rank":
+        m = torch.randn(n, 2, generator=gen, dtype=torch.float64) @ torch.randn(
+            2, k, generator=gen, dtype=torch.float64
+        )
+    elif kind == "duplicates" and n >= 4:
+        m[1] = m[0]
+        m[3] = -2 * m[2]
+    elif kind == "graded":  # singular values over 8 orders of magnitude
+        m = m * torch.logspace(-8, 0, k, dtype=torch.float64)
+    elif kind == "zero_rows":
+        m[::3] = 0
+    elif kind == "zero":
+        m.zero_()
+    return m
+
+
+@pytest.mark.parametrize("kind", ["random", "low_rank", "duplicates", "graded", "zero_rows",
+                                  "zero"])
+@pytest.mark.parametrize(("n", "k"), [(1, 1), (1, 6), (6, 1), (7, 19), (19, 7), (24, 24),
+                                      (60, 200), (200, 60)])
+def test_downdated_eigvalsh_equals_eigvalsh_of_each_downdate(kind, n, k):
+    # the leave-one-out fast path: spectra of M without row c from one secular equation each
+    from torch_qmprune.spectral.secular import downdated_eigvalsh
+
+    gen = torch.Generator().manual_seed(n * 1000 + k)
+    m = _downdate_case(n, k, kind, gen)
+    wide = n <= k
+    if wide:
+        lam, vecs = torch.linalg.eigh(m @ m.T)
+        lam = lam.clamp_min(0)
+        weights = lam * vecs.square()
+    else:
+        lam, vecs = torch.linalg.eigh(m.T @ m)
+        lam = lam.clamp_min(0)
+        weights = (m @ vecs).square()
+    mu = downdated_eigvalsh(lam, weights, zero_first=wide)
+    assert mu.shape == (n, min(n, k)) and (mu >= 0).all()
+    for c in range(n):
+        rest = torch.cat([m[:c], m[c + 1 :]])
+        gram = rest @ rest.T if wide else rest.T @ rest
+        ref = torch.linalg.eigvalsh(gram).clamp_min(0)
+        if wide:  # the removed row's direction: eigenvalue 0
+            ref = torch.cat([ref.new_zeros(1), ref])
+        scale = max(float(lam[-1]), 1e-300)
+        assert float((mu[c] - ref).abs().max()) <= 1e-12 * scale, (c, mu[c], ref)
+
+
 # ------------------------------------------------------------------------------------------
 # metrics.py
 # ------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from torch.nn.utils.prune import (
 
 from torch_qmprune._validation import check_amount, check_finite
 from torch_qmprune._threads import single_thread
+from torch_qmprune.spectral.secular import downdated_eigvalsh
 from torch_qmprune.spectral import (
     operator_matrix,
     pad_states,
@@ -442,32 +443,25 @@ def _nearest_death_times(d: np.ndarray) -> np.ndarray:
 def _leave_one_out_shifts(t: Tensor, dim: int, alive_idx: Tensor, metric: str) -> Tensor:
     """Distance between the spectral state (§2.1) of the whole tensor and that of the tensor
     with one channel zeroed (equivalently removed: a zero row/column only adds a zero singular
-    value), for every channel in ``alive_idx``; one batched ``svdvals`` per memory-sized chunk.
+    value), for every channel in ``alive_idx``.
+
+    When a channel is one row of the operator matrix (``dim=0``, or ``dim=1`` of a 2-D weight,
+    a column), the spectra come from secular equations (:func:`_row_downdate_states`): O(r²)
+    per channel instead of an SVD each. Otherwise (input channels of a conv, k² columns each)
+    one batched ``svdvals`` per memory-sized chunk.
     """
     cdtype = t.dtype
+    if dim == 0 or t.dim() == 2:
+        mat = operator_matrix(t) if dim == 0 else t.T
+        full, loo = _row_downdate_states(mat, alive_idx)
+        if metric == "fs":
+            shifts = pairwise_fubini_study(loo, full)[:, 0]
+        else:
+            shifts = pairwise_wasserstein2(torch.cat(pad_states(full, loo)), kind="profile")[0, 1:]
+        return shifts.to(cdtype)
     n_channels = t.shape[dim]
     rows = t.shape[0]
     full = spectral_states(operator_matrix(t).unsqueeze(0), dtype=cdtype)
-    mat = operator_matrix(t)
-    if dim == 0 and mat.shape[0] <= mat.shape[1]:
-        # Removing output channel i removes row i of the operator matrix: the singular values
-        # of what is left are the square roots of the eigenvalues of the row Gram with row and
-        # column i deleted (zeroed: one extra 0 eigenvalue). One small batched eigvalsh instead
-        # of n SVDs of wide matrices. The augmented state adds a singular value 1 (§2.1, b = 0).
-        m64 = mat.double()
-        gram = m64 @ m64.T
-        idx = alive_idx.to(gram.device)
-        keep = torch.ones(idx.numel(), n_channels, dtype=gram.dtype, device=gram.device)
-        keep[torch.arange(idx.numel(), device=gram.device), idx] = 0
-        grams = gram.unsqueeze(0) * keep.unsqueeze(2) * keep.unsqueeze(1)
-        with single_thread():  # many small LAPACK problems: batched OpenMP thrashes under load
-            sv = torch.linalg.eigvalsh(grams).clamp_min(0).sqrt().flip(-1)
-        sv = torch.cat([sv, torch.ones(sv.shape[0], 1, dtype=sv.dtype, device=sv.device)], 1)
-        sv = sv.sort(dim=1, descending=True).values
-        loo = (sv / sv.norm(dim=1, keepdim=True)).to(cdtype)
-        if metric == "fs":
-            return pairwise_fubini_study(loo, full)[:, 0]
-        return pairwise_wasserstein2(torch.cat(pad_states(full, loo)), kind="profile")[0, 1:]
     view = [1] * (t.dim() + 1)
     view[dim + 1] = n_channels
     chunk = max(1, _LOO_CHUNK_ELEMENTS // max(t.numel(), 1))
@@ -481,6 +475,41 @@ def _leave_one_out_shifts(t: Tensor, dim: int, alive_idx: Tensor, metric: str) -
     if metric == "fs":
         return pairwise_fubini_study(loo, full)[:, 0]
     return pairwise_wasserstein2(torch.cat([full, loo]), kind="profile")[0, 1:]
+
+
+def _row_downdate_states(mat: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Augmented spectral states (§2.1, zero bias: the singular values of ``mat`` and a 1) of
+    ``mat`` and of ``mat`` without each row in ``rows``, in float64: ``(full (1, r+1),
+    loo (len(rows), r+1))``, ``r = min(m, n)``.
+
+    One eigendecomposition of the smaller Gram, then per row the squared singular values of
+    the rest are the eigenvalues of the rank-one downdate ``diag(λ) − z zᵀ`` (the row's
+    coordinates in the eigenbasis: ``z = Vᵀ m_c`` with ``MᵀM = V diag(λ) Vᵀ``, or
+    ``z_j = √λ_j U_cj`` with ``MMᵀ = U diag(λ) Uᵀ`` for a wide matrix, whose downdate has the
+    eigenvalue 0 from the rank drop), roots of a secular equation. Same spectra as an
+    ``eigvalsh`` of every downdated Gram (to a few ulps of the largest eigenvalue).
+    """
+    check_finite(mat, "weight matrices")
+    m = mat.detach().double()
+    n, k = m.shape
+    idx = rows.to(m.device)
+    with single_thread():  # small LAPACK problems and loops of vector operations
+        if n <= k:
+            lam, vecs = torch.linalg.eigh(m @ m.T)
+            lam = lam.clamp_min(0.0)
+            weights = lam * vecs[idx].square()
+        else:
+            lam, vecs = torch.linalg.eigh(m.T @ m)
+            lam = lam.clamp_min(0.0)
+            weights = (m[idx] @ vecs).square()
+        mu = downdated_eigvalsh(lam, weights, zero_first=n <= k)
+    one = torch.ones(1, dtype=m.dtype, device=m.device)
+    full = torch.cat([lam.sqrt(), one]).sort(descending=True).values.unsqueeze(0)
+    loo = torch.cat([mu.sqrt(), one.expand(mu.shape[0], 1)], dim=1)
+    loo = loo.sort(dim=1, descending=True).values
+    full = full / torch.linalg.vector_norm(full, dim=1, keepdim=True)
+    loo = loo / torch.linalg.vector_norm(loo, dim=1, keepdim=True)
+    return full, loo
 
 
 # ---------------------------------------------------------------------------------------------
