@@ -85,14 +85,18 @@ def test_where_we_lose_names_every_losing_cell():
 def test_speed_tiny_ratios_are_positive_and_finite(tmp_path):
     out = tmp_path / "speed"
     rc = bench.main(["speed", "--models", "tiny_cnn", "--input-size", "16",
-                     "--criteria", "literal,qm", "--repeats", "1", "--warmup", "0",
+                     "--criteria", "literal,loo,qm", "--repeats", "1", "--warmup", "0",
                      "--calibration-size", "32", "--calibration-batch", "16",
                      "--latency-batches", "1,4", "--no-progress", "--out", str(out)])
     assert rc == 0
     data = json.loads((out / "speed.json").read_text())
     res = data["models"]["tiny_cnn"]
-    for crit in ("group_magnitude", "literal", "qm"):
+    for crit in ("group_magnitude", "literal", "loo", "qm"):
         assert _finite_positive(res["scoring"][crit]["ratio"])
+    parts = res["literal_breakdown"]
+    assert parts["producers"] == 3 and parts["identical_state_producers"] == 0
+    for key in ("states_seconds", "pairwise_seconds", "greedy_seconds", "literal_seconds"):
+        assert parts[key] >= 0
     assert _finite_positive(res["calibration"]["ratio"])
     assert _finite_positive(res["prune"]["ratio"])
     assert _finite_positive(res["prune"]["macs_ratio"])
@@ -101,3 +105,4 @@ def test_speed_tiny_ratios_are_positive_and_finite(tmp_path):
         assert _finite_positive(lat["speedup"]) and _finite_positive(lat["macs_ratio"])
     md = (out / "speed.md").read_text()
     assert "GroupMagnitudeImportance" in md and "Against the issue's targets" in md
+    assert "Where `literal`'s time goes" in md and "secular equation" in md

@@ -375,6 +375,16 @@ def test_leave_one_out_shifts_equal_per_channel_svds(shape, dim, metric, duplica
                           atol=1e-9)
 
 
+def test_leave_one_out_shifts_at_extreme_scales():
+    # the Gram is formed after a power-of-two rescaling (the augmentation's 1 rescaled too)
+    t = torch.randn(10, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    for scale in (1e-150, 1e-3, 1.0, 1e3, 1e150):
+        fast = methods._leave_one_out_shifts(t * scale, 0, torch.arange(10), "fs")
+        assert torch.allclose(fast, _reference_shifts(t * scale, 0, "fs"), rtol=1e-9, atol=1e-300)
+    zero = methods._leave_one_out_shifts(torch.zeros(4, 6), 0, torch.arange(4), "fs")
+    assert torch.equal(zero, torch.zeros(4))
+
+
 def test_leave_one_out_shifts_reject_non_finite():
     w = torch.randn(5, 7)
     w[2, 3] = math.nan

@@ -374,6 +374,50 @@ def test_downdated_eigvalsh_equals_eigvalsh_of_each_downdate(kind, n, k):
         assert float((mu[c] - ref).abs().max()) <= 1e-12 * scale, (c, mu[c], ref)
 
 
+def test_downdated_eigvalsh_random_structures():
+    # a sweep over shapes and spectra: clusters, rank deficiency, zero rows, graded and
+    # extreme scales (1e-150: the squares are near the bottom of float64)
+    from torch_qmprune.spectral.secular import downdated_eigvalsh
+
+    gen = torch.Generator().manual_seed(11)
+    kinds = ["random", "low_rank", "cluster", "graded", "sparse", "tiny", "huge"]
+    for trial in range(70):
+        n = int(torch.randint(1, 25, (1,), generator=gen))
+        k = int(torch.randint(1, 25, (1,), generator=gen))
+        kind = kinds[trial % len(kinds)]
+        m = torch.randn(n, k, generator=gen, dtype=torch.float64)
+        r = min(n, k)
+        if kind == "low_rank":
+            q = max(1, r // 3)
+            m = torch.randn(n, q, generator=gen, dtype=torch.float64) @ m[:q] if n >= q else m
+        elif kind == "cluster":  # repeated and nearly repeated singular values
+            s = torch.tensor([1.0, 2.0, 2.0 + 1e-9, 2.0, 1e-6] * r, dtype=torch.float64)[:r]
+            u, _ = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=torch.float64))
+            v, _ = torch.linalg.qr(torch.randn(k, r, generator=gen, dtype=torch.float64))
+            m = u @ torch.diag(s) @ v.T
+        elif kind == "graded":
+            m = m * torch.logspace(-7, 0, k, dtype=torch.float64)
+        elif kind == "sparse":
+            m = m * (torch.rand(n, k, generator=gen) < 0.2)
+        elif kind == "tiny":
+            m = m * 1e-150
+        elif kind == "huge":
+            m = m * 1e150
+        wide = n <= k
+        gram = m @ m.T if wide else m.T @ m
+        lam, vecs = torch.linalg.eigh(gram)
+        lam = lam.clamp_min(0)
+        weights = lam * vecs.square() if wide else (m @ vecs).square()
+        mu = downdated_eigvalsh(lam, weights, zero_first=wide)
+        for c in range(n):
+            rest = torch.cat([m[:c], m[c + 1 :]])
+            ref = torch.linalg.eigvalsh(rest @ rest.T if wide else rest.T @ rest).clamp_min(0)
+            if wide:
+                ref = torch.cat([ref.new_zeros(1), ref])
+            err = float((mu[c] - ref).abs().max())
+            assert err <= 1e-13 * float(lam[-1]), (kind, n, k, c, err, float(lam[-1]))
+
+
 # ------------------------------------------------------------------------------------------
 # metrics.py
 # ------------------------------------------------------------------------------------------

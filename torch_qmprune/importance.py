@@ -13,10 +13,13 @@ One class, :class:`SpectralImportance`, several criteria (each one parameterized
   inverse Gram and the consumer weights downdated after each removal (so that two copies of the
   same channel are never both removed: the survivor is no longer redundant).
 * ``"literal"``: the paper's criterion (§3.1): Fubini–Study (or W₂) distance of a filter's
-  weight spectral state (§2.1) to its nearest surviving sibling. SCIENCE.md measured it: it
+  weight spectral state (§2.1) to its nearest surviving sibling (filter spectra from the
+  eigenvalues of each filter's k² × k² float64 Gram; the greedy order read off the distance
+  matrix without simulating the removals). SCIENCE.md measured it: it
   loses to random at 50 % sparsity and beyond; it is here for comparison.
 * ``"loo"``: leave-one-out spectral shift: d_FS between the producer layer's weight state with
-  and without the channel.
+  and without the channel (exact; one Gram eigendecomposition per layer, then the spectrum
+  without each channel from a secular equation: O(r²) per channel, not an SVD each).
 * ``"hybrid"``: §6's "guided by magnitude but weighted by the quantum geometric redundancy
   profile": L2 magnitude × (ε + normalized literal distance).
 """

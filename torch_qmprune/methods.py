@@ -491,6 +491,10 @@ def _row_downdate_states(mat: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
     """
     check_finite(mat, "weight matrices")
     m = mat.detach().double()
+    peak = float(m.abs().max()) if m.numel() else 0.0
+    # a power-of-two scale keeps the Gram in range; the augmentation's 1 is scaled with it
+    scale = math.ldexp(1.0, math.frexp(peak)[1]) if peak > 0 else 1.0
+    m = m / scale
     n, k = m.shape
     idx = rows.to(m.device)
     with single_thread():  # small LAPACK problems and loops of vector operations
@@ -503,7 +507,7 @@ def _row_downdate_states(mat: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
             lam = lam.clamp_min(0.0)
             weights = (m[idx] @ vecs).square()
         mu = downdated_eigvalsh(lam, weights, zero_first=n <= k)
-    one = torch.ones(1, dtype=m.dtype, device=m.device)
+    one = torch.full((1,), 1.0 / scale, dtype=m.dtype, device=m.device)
     full = torch.cat([lam.sqrt(), one]).sort(descending=True).values.unsqueeze(0)
     loo = torch.cat([mu.sqrt(), one.expand(mu.shape[0], 1)], dim=1)
     loo = loo.sort(dim=1, descending=True).values

@@ -16,6 +16,8 @@ O(r³) of an eigendecomposition of every downdated Gram.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -49,7 +51,11 @@ def downdated_eigvalsh(
     c, r = weights.shape
     if c == 0 or r == 0:
         return torch.empty(c, r, dtype=lam.dtype, device=lam.device)
-    return _solve(lam, weights, max_iter, zero_first).view(c, r).clamp_min_(0.0)
+    # a power-of-two scale (exact) keeps squares and reciprocals of the poles in range
+    top = float(lam[-1])
+    scale = math.ldexp(1.0, math.frexp(top)[1]) if 0 < top < math.inf else 1.0
+    mu = _solve(lam / scale, weights / scale, max_iter, zero_first)
+    return mu.view(c, r).clamp_min_(0.0).mul_(scale)
 
 
 def _step(
@@ -86,10 +92,12 @@ def _step(
     x = p_left + torch.where(bq <= 0, 2 * a1 * g / (sq - bq), (bq + sq) / (2 * cc))
     # converged: the model moves μ by a few ulps (at the root it returns μ itself), or the
     # bracket is that small; the answer is then the model root kept inside the bracket
-    done = (f == 0) | (hi - lo <= tol) | ((x - mu).abs() <= tol)
+    step_ok = ((x - mu).abs() <= tol) & (x >= lo - tol) & (x <= hi + tol)
+    done = (f == 0) | (hi - lo <= tol) | step_ok
     final = torch.where((f != 0) & torch.isfinite(x), torch.clamp(x, lo, hi), mu)
-    # a model root outside the bracket (a step the model got wrong) falls back to bisection
-    inside = (x >= lo) & (x <= hi)  # false for NaN
+    # a model root outside the open bracket (a step the model got wrong, or one that rounds
+    # onto a pole) falls back to bisection
+    inside = (x > lo) & (x < hi)  # false for NaN
     x = torch.where(inside, x, (lo + hi) / 2)
     return x, done, final
 
@@ -131,7 +139,10 @@ def _solve(lam: Tensor, w: Tensor, max_iter: int, zero_first: bool) -> Tensor:
     # smallest root: Weyl (λ_1 − ‖z‖²) and positive semi-definiteness (0)
     lo[j == 0] = torch.minimum((lam[0] - w.sum(dim=1)).clamp_min(0.0), lam[0])
     hi = lam.repeat(c)
-    mu_out = (lo + hi) / 2
+    # start at first-order perturbation theory (λ_j − z_j², close for a small downdate such
+    # as one row of a tall matrix), else mid-interval
+    guess = hi - w.reshape(-1)
+    mu_out = torch.where((guess > lo) & (guess < hi), guess, (lo + hi) / 2)
     todo = hi - lo > tol
     if zero_first:
         mu_out[j == 0] = 0.0
