@@ -14,6 +14,12 @@ MODULES = [
     "torch_qmprune.structural",
     "torch_qmprune.serialization",
     "torch_qmprune.schedule",
+    "torch_qmprune.dynamics",
+    "torch_qmprune.hardware",
+    "torch_qmprune.policy",
+    "torch_qmprune.lowrank",
+    "torch_qmprune.graph",
+    "torch_qmprune.heads",
 ]
 
 

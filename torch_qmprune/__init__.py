@@ -21,8 +21,11 @@ from .calibration import CalibrationStats, collect_input_grams, recalibrate_batc
 from .dynamics import (
     LindbladPredictor,
     SpectralTracker,
+    TrackedImportance,
     WindowRecord,
+    channel_residual_energy,
     forecast_channel_redundancy,
+    forecast_density_matrix,
     liouvillian,
     tracker_overhead,
 )
@@ -164,5 +167,6 @@ __all__ = [
     "PruningScheduler", "schedule_fraction", "rebind_optimizer", "rewrap_ddp",
     # time-varying redundancy
     "SpectralTracker", "WindowRecord", "tracker_overhead", "LindbladPredictor", "liouvillian",
-    "forecast_channel_redundancy",
+    "forecast_channel_redundancy", "forecast_density_matrix", "channel_residual_energy",
+    "TrackedImportance",
 ]

@@ -1338,9 +1338,9 @@ def policy_allocation(
         ``prune(model, x, 0.0, layer_ratios=layer_ratios, ...)`` and a :class:`PolicyReport`.
 
     Example:
-        >>> net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-        ...                     nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
-        ...                     nn.Linear(8 * 8 * 8, 3))
+        >>> net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+        ...                     nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Flatten(),
+        ...                     nn.Linear(32 * 8 * 8, 3))
         >>> x = torch.randn(64, 1, 8, 8)
         >>> ratios, rep = policy_allocation(net, x[:1], 0.5, calibration=x, steps=20)
         >>> abs(rep.achieved / 0.5 - 1) <= 0.02

@@ -754,7 +754,10 @@ class PruningScheduler:
         self._tracker = SpectralTracker(self._base, sorted(set(tracked.values())),
                                         window=self.track_window, reference=None,
                                         feature_fn=_post_activation,
-                                        product_dtype=torch.float32)
+                                        product_dtype=torch.float32,
+                                        # forecasts need every window's call: skipping calls
+                                        # raises the d_FS noise floor above the drift
+                                        every=1)
 
     def _forecast_allocation(self, work: nn.Module, ratio: float) -> dict[str, float] | None:
         """Per-layer channel ratios from forecast redundancy, scaled to remove ``ratio``."""
