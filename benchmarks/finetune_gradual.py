@@ -43,14 +43,16 @@ from torch_qmprune.data import load_fashion_mnist
 from torch_qmprune.schedule import PruningScheduler
 from torch_qmprune.structural import count_params_and_macs, prune
 from torch_qmprune.training import evaluate
-from torch_qmprune.zoo import cache_dir, get_baseline
+from torch_qmprune.zoo import BASELINES, cache_dir, get_baseline
 
 METHODS = ("dense+ft", "oneshot", "linear", "cubic", "predictive")
-CKPT = {"small_cnn": "small_cnn_e1_s0_nall", "resnet18_s2": "resnet18_s2_e2_s0_nall"}
+def _tag(model_name: str) -> str:
+    """Cache tag of the default recipe (as :func:`torch_qmprune.zoo.get_baseline` names it)."""
+    return f"{model_name}_e{BASELINES[model_name]['epochs']:g}_s0_nall"
 
 
 def _cached(model_name: str) -> bool:
-    tag = CKPT[model_name]
+    tag = _tag(model_name)
     return (cache_dir() / f"{tag}.pt").exists() and (cache_dir() / f"{tag}.json").exists()
 
 
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     skipped = [m for m in models if not _cached(m)]
     models = [m for m in models if _cached(m)]
     for m in skipped:
-        print(f"skipping {m}: checkpoint {CKPT[m]}.pt not cached (not trained here)")
+        print(f"skipping {m}: checkpoint {_tag(m)}.pt not cached (not trained here)")
     jobs = [dict(model=m, method=meth, seed=int(s),
                  iterations=args.resnet_iterations if m == "resnet18_s2" else args.iterations,
                  steps=args.steps, target=args.target, criterion=args.criterion,
