@@ -305,8 +305,9 @@ class SpectralImportance(tp.importance.Importance):
             dist = _pairwise(states, self.metric)
             if self.aggregation != "nearest":  # means are summed in float64
                 dist = dist.double()
-            # "nearest" only compares and returns distances: float32 as computed is the same
-            order, at = _greedy_sibling_order(dist, self.aggregation)
+            # "nearest" only compares and returns distances: float32 as computed is the same;
+            # Fubini–Study distances of one set come out exactly symmetric
+            order, at = _greedy_sibling_order(dist, self.aggregation, symmetric=self.metric == "fs")
         at = at.double()
         finite = at[torch.isfinite(at)]
         at[~torch.isfinite(at)] = (finite.max() if finite.numel() else 1.0) + 1e-6

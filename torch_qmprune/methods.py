@@ -345,13 +345,17 @@ def _pairwise(states: Tensor, metric: str) -> Tensor:
     return pairwise_wasserstein2(states, kind="profile")
 
 
-def _greedy_sibling_order(distances: Tensor, aggregation: str) -> tuple[Tensor, Tensor]:
+def _greedy_sibling_order(
+    distances: Tensor, aggregation: str, *, symmetric: bool = False
+) -> tuple[Tensor, Tensor]:
     """Greedy redundancy order (see :func:`_greedy_sibling_order_impl`), single-threaded."""
     with single_thread():
-        return _greedy_sibling_order_impl(distances, aggregation)
+        return _greedy_sibling_order_impl(distances, aggregation, symmetric=symmetric)
 
 
-def _greedy_sibling_order_impl(distances: Tensor, aggregation: str) -> tuple[Tensor, Tensor]:
+def _greedy_sibling_order_impl(
+    distances: Tensor, aggregation: str, *, symmetric: bool = False
+) -> tuple[Tensor, Tensor]:
     """Greedy redundancy order of §3.1 sibling distances.
 
     Repeatedly remove the surviving channel whose distance to its nearest surviving sibling
@@ -361,6 +365,10 @@ def _greedy_sibling_order_impl(distances: Tensor, aggregation: str) -> tuple[Ten
 
     ``"nearest"`` is computed without simulating the removals (:func:`_nearest_death_times`),
     in one pass of two NumPy calls per channel; ``"mean"`` runs the removals in NumPy.
+
+    ``symmetric=True`` promises that ``distances`` is exactly symmetric (as
+    :func:`~torch_qmprune.spectral.pairwise_fubini_study` of one set is), so that the
+    symmetrization ``(d + dᵀ) / 2``, which would return it unchanged, is skipped.
 
     Returns:
         ``(order, at)``: positions in removal order (all ``n``) and the aggregated distance each
@@ -374,8 +382,12 @@ def _greedy_sibling_order_impl(distances: Tensor, aggregation: str) -> tuple[Ten
     # other dtypes are read in float32
     work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     x = distances.detach().to("cpu", work).numpy()
-    d = x + x.T
-    d *= 0.5  # (a + b) / 2 exactly: exact symmetry makes ties deterministic
+    if symmetric and aggregation == "nearest":  # read only: no copy needed
+        d = x
+    else:
+        d = x.T.copy()  # a contiguous transpose, then (a + b) / 2 exactly: exact symmetry
+        d += x  # makes ties deterministic
+        d *= 0.5
     if aggregation == "nearest":
         death = _nearest_death_times(d)
         order_np = np.argsort(death, kind="stable")  # ties to the lower index
@@ -431,9 +443,22 @@ def _nearest_death_times(d: np.ndarray) -> np.ndarray:
     """
     n = d.shape[0]
     death = np.full(n, math.inf, dtype=d.dtype)
+    if n < 2:
+        return death
+    # Usually D(v) is the distance to v's nearest higher-index sibling u* (when u* leaves no
+    # earlier than that): take it from one vectorized row minimum and check it with scalar
+    # Python; the masked scan runs only for the channels where the check fails.
+    idx = np.arange(n)
+    upper = np.where(idx[:, None] >= idx[None, :], d.dtype.type(math.inf), d)  # u > v only
+    nearest = upper.argmin(axis=1).tolist()
+    closest = upper[np.arange(n), nearest].tolist()
     mask = np.empty(n, dtype=bool)
     reduce, less_equal = np.minimum.reduce, np.less_equal
     for v in range(n - 2, -1, -1):
+        value = closest[v]
+        if death[nearest[v]] >= value:
+            death[v] = value
+            continue
         row = d[v, v + 1 :]
         ok = less_equal(row, death[v + 1 :], out=mask[: n - 1 - v])
         death[v] = reduce(row, where=ok, initial=math.inf)
