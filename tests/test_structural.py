@@ -286,3 +286,23 @@ def test_prune_progress_bar_reports_stages(capsys):
     err = capsys.readouterr().err
     assert "prune[qm]" in err and "step" in err
     assert net(x).shape == (32, 3)
+
+
+@pytest.mark.parametrize("rows_out,inputs,block", [(6, 40, 4), (50, 12, 1), (8, 30, 1)])
+def test_greedy_merge_costs_weight_and_gram_forms_agree(rows_out, inputs, block):
+    # the downdate on the (R, D+1) weights (few rows) and on M = WᵀW (many rows) are the same
+    # algebra: identical orders, costs equal to rounding
+    from torch_qmprune.importance import _greedy_merge_costs
+
+    g = torch.Generator().manual_seed(rows_out + inputs)
+    n = inputs // block
+    x = torch.randn(300, inputs, generator=g, dtype=torch.float64)
+    x[:, 1] = x[:, 0] + 0.01 * x[:, 1]                       # a near-duplicate input
+    xa = torch.cat([x, torch.ones(300, 1, dtype=torch.float64)], 1)
+    gram = xa.T @ xa
+    rows = torch.randn(rows_out, inputs, generator=g, dtype=torch.float64)
+    blocks = torch.arange(inputs).view(n, block)
+    runs = [_greedy_merge_costs([(rows, gram, blocks)], n, 1e-4, None, 4, weight_form=f)
+            for f in (True, False)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert torch.allclose(runs[0][1], runs[1][1], rtol=1e-7, atol=1e-12)

@@ -100,20 +100,27 @@ def greedy_merge_costs(
         return _greedy_merge_costs(consumers, n_roots, damping, max_steps, max_downdates)
 
 
-def _greedy_merge_costs(consumers, n_roots, damping, max_steps, max_downdates):
+def _greedy_merge_costs(consumers, n_roots, damping, max_steps, max_downdates,
+                        weight_form: bool | None = None):
     state = []
     for rows, gram, blocks in consumers:
         g = gram.double().clone()
         d = g.shape[0]
         mean_diag = float(g.diagonal()[:-1].mean()) if d > 1 else 1.0
         g += torch.eye(d, dtype=g.dtype, device=g.device) * damping * max(mean_diag, 1e-12)
-        ginv = torch.linalg.inv(g)
+        chol, info = torch.linalg.cholesky_ex(g)  # SPD (Gram + ridge): half the work of LU
+        ginv = torch.cholesky_inverse(chol) if int(info) == 0 else torch.linalg.inv(g)
         w = rows.double().to(g.device)
         w_aug = torch.cat([w, torch.zeros(w.shape[0], 1, dtype=w.dtype, device=w.device)], 1)
         energy = float(torch.einsum("rd,de,re->", w, gram[:-1, :-1].double(), w))
-        # Only M = WᵀW enters the costs, so the (D+1)² matrix M stands in for the (R, D+1)
-        # weights: every step then costs O(D²), whatever the number of output rows·taps R.
-        state.append([ginv, w_aug.T @ w_aug, blocks.to(g.device), max(energy, 1e-30)])
+        # Only M = WᵀW enters the costs. With more rows than inputs (R > D+1, a conv's
+        # out·taps) the (D+1)² matrix M stands in for the weights, so a downdate costs O(D²·|b|)
+        # whatever R; with fewer rows (a flatten into a Linear, a 1×1 conv reading a wide
+        # residual stream) the (R, D+1) weights themselves are downdated, O(R·D·|b|) instead of
+        # the three O(D²·|b|) products that keep M current. Both give the same costs.
+        use_rows = weight_form if weight_form is not None else w_aug.shape[0] < w_aug.shape[1]
+        mat = w_aug.clone() if use_rows else w_aug.T @ w_aug
+        state.append([ginv, mat, blocks.to(g.device), max(energy, 1e-30), use_rows])
     alive = torch.ones(n_roots, dtype=torch.bool)
     order, costs = [], []
     steps = n_roots if max_steps is None else max(1, min(n_roots, int(max_steps)))
@@ -124,14 +131,19 @@ def _greedy_merge_costs(consumers, n_roots, damping, max_steps, max_downdates):
         live = torch.nonzero(alive).view(-1)
         total = torch.full((n_roots,), math.inf, dtype=torch.float64)
         total[live] = 0.0
-        for ginv, mm, blocks, energy in state:
+        for ginv, mm, blocks, energy, use_rows in state:
             blk = blocks[live.to(blocks.device)]
             if blk.shape[1] == 1:
                 cols = blk[:, 0]
-                cost = mm.diagonal()[cols] / ginv.diagonal()[cols].clamp_min(1e-30)
+                diag = mm[:, cols].square().sum(0) if use_rows else mm.diagonal()[cols]
+                cost = diag / ginv.diagonal()[cols].clamp_min(1e-30)
             else:
                 gb = ginv[blk[:, :, None], blk[:, None, :]]  # (n, s, s)
-                mb = mm[blk[:, :, None], blk[:, None, :]]  # (n, s, s)
+                if use_rows:
+                    wb = mm[:, blk]  # (R, n, s)
+                    mb = torch.einsum("rns,rnt->nst", wb, wb)
+                else:
+                    mb = mm[blk[:, :, None], blk[:, None, :]]  # (n, s, s)
                 inv_b = torch.cholesky_inverse(torch.linalg.cholesky(gb))  # (n, s, s)
                 cost = torch.einsum("nst,nts->n", inv_b, mb)  # tr(G_bb⁻¹ W_bᵀW_b)
             total[live] += cost.cpu() / energy
@@ -151,17 +163,20 @@ def _greedy_merge_costs(consumers, n_roots, damping, max_steps, max_downdates):
             alive[i] = False
         if len(order) >= n_roots:
             break
-        for ginv, mm, blocks, _ in state:
+        for ginv, mm, blocks, _, use_rows in state:
             # in-place OBS downdate: removing inputs b with optimal least-squares compensation,
             # W ← W − W_b C with C = [G⁻¹]_bb⁻¹ [G⁻¹]_b: (their rows/columns become ~0 and are
             # never read again); M = WᵀW follows without forming W.
             b = blocks[picks].reshape(-1)
             g_b = ginv[b, :]  # (|b|, D+1)
             coupling = torch.linalg.inv(ginv[b][:, b]) @ g_b
-            m_b = mm[b, :]  # (|b|, D+1)
-            mm.sub_(coupling.T @ m_b)
-            mm.sub_(m_b.T @ coupling)
-            mm.add_(coupling.T @ (m_b[:, b] @ coupling))
+            if use_rows:
+                mm.sub_(mm[:, b] @ coupling)
+            else:
+                m_b = mm[b, :]  # (|b|, D+1)
+                mm.sub_(coupling.T @ m_b)
+                mm.sub_(m_b.T @ coupling)
+                mm.add_(coupling.T @ (m_b[:, b] @ coupling))
             ginv.sub_(ginv[:, b] @ coupling)
     if len(order) < n_roots:  # the last survivor
         rest = torch.nonzero(alive).view(-1).tolist()
