@@ -402,8 +402,12 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 "opt_ok": _params_are_model_params(opt, module),
             }
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # success only: skip interpreter finalization, where gloo's threads can abort the process
+    # (see examples/ddp_prune.py)
+    os._exit(0)
 
 
 def test_ddp_ranks_end_identical():
