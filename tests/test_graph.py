@@ -450,3 +450,20 @@ def test_heatmap_png(tmp_path) -> None:
     assert len(fig.axes) == 2  # image + colorbar
     assert fig.axes[1].get_ylabel() == "Fubini–Study distance (rad)"
     assert len(ax.get_xticklabels()) == len(graph) or len(graph) > 40
+
+
+def test_cluster_isolated_vertex_is_a_singleton_without_overflow():
+    # two tight groups and one far-away vertex: at the nearest-neighbour bandwidth its
+    # affinities underflow; the embedding must not overflow and it must come back alone
+    import warnings
+
+    import numpy as np
+
+    from torch_qmprune.graph import _cluster_matrix
+
+    pts = np.array([0.0, 0.01, 0.02, 1.0, 1.01, 1.02, 1.03, 1.41])  # exp(-722): denormal
+    dist = np.abs(pts[:, None] - pts[None, :])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        clusters = _cluster_matrix(dist, 3, None, 0)
+    assert sorted(map(sorted, clusters)) == [[0, 1, 2], [3, 4, 5, 6], [7]]

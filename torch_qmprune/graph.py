@@ -886,7 +886,9 @@ def _affinity(dist: np.ndarray, bandwidth: str | float = "nearest") -> np.ndarra
     sigma = _bandwidth(dist, bandwidth)
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):
         aff = np.exp(-(dist**2) / (2 * sigma**2))
-    return np.where(np.isfinite(dist), aff, 0.0)
+    # An affinity below 1e-12 carries no information, and tiny (denormal) degrees blow up the
+    # normalized Laplacian's D^{-1/2} (the spectral embedding then overflows): cut them to 0.
+    return np.where(np.isfinite(dist) & (aff >= 1e-12), aff, 0.0)
 
 
 def _eigengap(aff: np.ndarray) -> int:
@@ -945,6 +947,31 @@ def _cluster_matrix(
         return [list(range(n))]
     if k == len(reps):
         return copies
+    # a copy with no edge to any other copy is a cluster of its own (nothing it can merge with
+    # at this bandwidth); spectral clustering runs on the connected rest with the remaining k
+    sub = aff[np.ix_(reps, reps)]
+    linked = (sub - np.diag(np.diag(sub))).max(axis=1) > 0
+    alone = [copies[r] for r, ok in enumerate(linked) if not ok]
+    if alone:
+        rest = [r for r, ok in enumerate(linked) if ok]
+        if not rest:
+            return alone
+        # isolated copies take their own clusters first; the rest gets what k leaves (at
+        # least one cluster, so more than k come back when k < isolated copies + 1)
+        k_rest = max(1, min(k - len(alone), len(rest)))
+        if k_rest == 1:
+            found = [[i for r in rest for i in copies[r]]]
+        elif k_rest == len(rest):
+            found = [copies[r] for r in rest]
+        else:
+            labels = _spectral_labels(sub[np.ix_(rest, rest)], k_rest, random_state)
+            found = [[i for j in group for i in copies[rest[j]]] for group in _groups(labels)]
+        return found + alone
+    labels = _spectral_labels(sub, k, random_state)
+    return [[i for r in group for i in copies[r]] for group in _groups(labels)]
+
+
+def _spectral_labels(aff: np.ndarray, k: int, random_state: int | None) -> np.ndarray:
     from sklearn.cluster import SpectralClustering
 
     with warnings.catch_warnings():
@@ -955,10 +982,10 @@ def _cluster_matrix(
             random_state=random_state,
             # many clusters: sklearn's lobpcg path takes a dense eigh (ARPACK crawls there),
             # and QR-based label assignment replaces k-means with hundreds of centres
-            eigen_solver="lobpcg" if len(reps) < 5 * k + 1 else "arpack",
+            eigen_solver="lobpcg" if len(aff) < 5 * k + 1 else "arpack",
             assign_labels="kmeans" if k <= _KMEANS_MAX_K else "cluster_qr",
-        ).fit_predict(aff[np.ix_(reps, reps)])
-    return [[i for r in group for i in copies[r]] for group in _groups(labels)]
+        ).fit_predict(aff)
+    return labels
 
 
 def _groups(labels: np.ndarray) -> list[list[int]]:
