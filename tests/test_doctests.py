@@ -20,6 +20,7 @@ MODULES = [
     "torch_qmprune.lowrank",
     "torch_qmprune.graph",
     "torch_qmprune.heads",
+    "torch_qmprune._transaction",
 ]
 
 

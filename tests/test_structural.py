@@ -306,3 +306,26 @@ def test_greedy_merge_costs_weight_and_gram_forms_agree(rows_out, inputs, block)
             for f in (True, False)]
     assert torch.equal(runs[0][0], runs[1][0])
     assert torch.allclose(runs[0][1], runs[1][1], rtol=1e-7, atol=1e-12)
+
+
+def test_failed_prune_restores_in_place_so_user_hook_handles_still_work():
+    from torch_qmprune.structural import register_allocation
+
+    def boom(model, example_inputs, **kw):
+        model[0].register_forward_hook(lambda *a: None)        # a change to roll back
+        raise RuntimeError("allocator failed midway")
+
+    register_allocation("test-boom", boom, overwrite=True)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 3))
+    calls = []
+    handle = net[0].register_forward_hook(lambda *a: calls.append(1))
+    hooks_dict = net[0]._forward_hooks
+    with pytest.raises(RuntimeError, match="midway"):
+        prune(net, torch.randn(1, 1, 8, 8), 0.5, criterion="l1", compensate=False,
+              allocation="test-boom")
+    assert net[0]._forward_hooks is hooks_dict and len(hooks_dict) == 1
+    net(torch.randn(1, 1, 8, 8))
+    assert calls == [1]
+    handle.remove()                                             # the user's handle still works
+    net(torch.randn(1, 1, 8, 8))
+    assert calls == [1]

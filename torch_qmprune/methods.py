@@ -40,8 +40,9 @@ from torch.nn.utils.prune import (
     RandomUnstructured,
 )
 
-from torch_qmprune._validation import check_amount, check_finite
 from torch_qmprune._threads import single_thread
+from torch_qmprune._transaction import atomic
+from torch_qmprune._validation import check_amount, check_finite
 from torch_qmprune.spectral.secular import downdated_eigvalsh
 from torch_qmprune.spectral import (
     operator_matrix,
@@ -170,46 +171,6 @@ def _effective(module: nn.Module, name: str, scores: Tensor | None = None) -> Te
 # trap (b): transactions — a failed call leaves every module exactly as it was
 # ---------------------------------------------------------------------------------------------
 
-_MODULE_DICTS = (
-    "_parameters",
-    "_buffers",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_pre_hooks_always_called",
-)
-
-
-def _snapshot(module: nn.Module) -> dict[str, Any]:
-    containers = [
-        (hook, hook._pruning_methods)
-        for hook in module._forward_pre_hooks.values()
-        if isinstance(hook, PruningContainer)
-    ]
-    return {
-        "attrs": dict(module.__dict__),
-        "dicts": {
-            k: list(module.__dict__[k].items()) for k in _MODULE_DICTS if k in module.__dict__
-        },
-        "non_persistent": set(module._non_persistent_buffers_set),
-        "containers": containers,
-    }
-
-
-def _restore(module: nn.Module, snap: dict[str, Any]) -> None:
-    attrs = snap["attrs"]
-    for key in [k for k in module.__dict__ if k not in attrs]:
-        del module.__dict__[key]
-    module.__dict__.update(attrs)  # bypasses nn.Module.__setattr__: same objects, same slots
-    for key, items in snap["dicts"].items():
-        target = module.__dict__[key]
-        target.clear()
-        target.update(items)
-    module._non_persistent_buffers_set.clear()
-    module._non_persistent_buffers_set.update(snap["non_persistent"])
-    for hook, methods in snap["containers"]:
-        hook._pruning_methods = methods
-
-
 @contextlib.contextmanager
 def _transaction(modules: Iterable[nn.Module]) -> Iterator[None]:
     """Snapshot ``modules`` (parameters, buffers, forward pre-hooks, ``__dict__``, the contents
@@ -218,20 +179,11 @@ def _transaction(modules: Iterable[nn.Module]) -> Iterator[None]:
     torch's ``BasePruningMethod.apply`` moves ``name`` to ``name + '_orig'`` and detaches the old
     hook before ``compute_mask`` can fail; its own rollback re-registers the parameter at the end
     (so ``state_dict`` order changes) and forgets the hook it detached. This puts back the same
-    objects in the same order.
+    objects in the same order (:class:`~torch_qmprune._transaction.ModelSnapshot`, without
+    tensor values: masking never edits them in place).
     """
-    snaps: list[tuple[nn.Module, dict[str, Any]]] = []
-    seen: set[int] = set()
-    for module in modules:
-        if id(module) not in seen:
-            seen.add(id(module))
-            snaps.append((module, _snapshot(module)))
-    try:
+    with atomic(list(modules), values=False):
         yield
-    except BaseException:
-        for module, snap in snaps:
-            _restore(module, snap)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
