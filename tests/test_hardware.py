@@ -202,6 +202,9 @@ def test_prune_allocation_argument_errors_leave_model_unchanged():
     with pytest.raises(ValueError, match="layer_ratios"):
         prune(net, x, 0.5, allocation="latency", device_profile="ascend",
               layer_ratios={net[0]: 0.5}, criterion="l1", compensate=False)
+    with pytest.raises(ValueError, match="policy gate budgets"):
+        prune(net, x, 0.5, allocation="policy", device_profile="ascend", criterion="l1",
+              compensate=False)
     with pytest.raises(ValueError, match="only apply"):
         prune(net, x, 0.5, device_profile="ascend", criterion="l1", compensate=False)
     with pytest.raises(ValueError, match="cannot be reached"):   # raised inside the allocator

@@ -708,6 +708,9 @@ def _resolve_ratio_and_allocation(
     if allocation == "uniform" and (allocation_kwargs or device_profile is not None):
         raise ValueError("allocation_kwargs / device_profile only apply with allocation="
                          "'latency', 'policy' or a registered allocation")
+    if allocation == "policy" and device_profile is not None:
+        raise ValueError("device_profile applies to allocation='latency'; the policy gate "
+                         "budgets MACs or params (target='macs' or 'params')")
     if allocation_kwargs is not None and not isinstance(allocation_kwargs, Mapping):
         raise TypeError(f"allocation_kwargs must be a dict, got "
                         f"{type(allocation_kwargs).__name__}")
