@@ -599,11 +599,12 @@ def latency_allocation(
     Args:
         model: the network (not modified: dry runs use copies).
         example_inputs: input for tracing and MAC counting.
-        ratio: fraction of MACs (``target="macs"``) or params (``"params"``) to remove;
-            0.5 = 2× fewer MACs.
+        ratio: fraction of MACs (``target="macs"``), params (``"params"``) or estimated
+            latency (``"latency"``) to remove; 0.5 = 2× fewer MACs.
         profile: measured profile dict, shipped name, JSON path, or ``"measure"`` to call
             :func:`measure_profile` on ``example_inputs`` now.
-        target: ``"macs"`` or ``"params"``.
+        target: ``"macs"``, ``"params"`` or ``"latency"`` (the estimate Σ κ_layer·MACs_layer
+            under ``profile``, what ``prune(..., target="latency")`` uses).
         strength: exponent on the relative cost (0: uniform; larger: more skewed).
         max_ratio: cap on any group's channel ratio.
         ignored_layers: layers whose outputs are never pruned (default: the last Linear, as
