@@ -43,19 +43,9 @@ from torch_qmprune.data import load_fashion_mnist
 from torch_qmprune.schedule import PruningScheduler
 from torch_qmprune.structural import count_params_and_macs, prune
 from torch_qmprune.training import evaluate
-from torch_qmprune.zoo import BASELINES, cache_dir, get_baseline
+from torch_qmprune.zoo import checkpoint_path, get_baseline, is_cached
 
 METHODS = ("dense+ft", "oneshot", "linear", "cubic", "predictive")
-def _tag(model_name: str) -> str:
-    """Cache tag of the default recipe (as :func:`torch_qmprune.zoo.get_baseline` names it)."""
-    return f"{model_name}_e{BASELINES[model_name]['epochs']:g}_s0_nall"
-
-
-def _cached(model_name: str) -> bool:
-    tag = _tag(model_name)
-    return (cache_dir() / f"{tag}.pt").exists() and (cache_dir() / f"{tag}.json").exists()
-
-
 _DATA: dict = {}
 
 
@@ -70,7 +60,7 @@ def run_job(job: dict) -> dict:
     """One (model, method, seed): fine-tune with the method, return accuracy and sizes."""
     torch.set_num_threads(job["threads"])
     (x, y), (xt, yt) = _data()
-    if not _cached(job["model"]):
+    if not is_cached(job["model"]):
         raise RuntimeError(f"{job['model']} baseline not cached; this benchmark never trains it")
     model, info = get_baseline(job["model"])
     model.train()
@@ -170,10 +160,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--md", default=None)
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
-    skipped = [m for m in models if not _cached(m)]
-    models = [m for m in models if _cached(m)]
+    skipped = [m for m in models if not is_cached(m)]
+    models = [m for m in models if is_cached(m)]
     for m in skipped:
-        print(f"skipping {m}: checkpoint {_tag(m)}.pt not cached (not trained here)")
+        print(f"skipping {m}: checkpoint {checkpoint_path(m).name} not cached (not trained here)")
     jobs = [dict(model=m, method=meth, seed=int(s),
                  iterations=args.resnet_iterations if m == "resnet18_s2" else args.iterations,
                  steps=args.steps, target=args.target, criterion=args.criterion,

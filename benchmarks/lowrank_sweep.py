@@ -36,15 +36,9 @@ from torch_qmprune.data import load_fashion_mnist
 from torch_qmprune.lowrank import lowrank_compress
 from torch_qmprune.structural import count_params_and_macs
 from torch_qmprune.training import evaluate
-from torch_qmprune.zoo import BASELINES, cache_dir, get_baseline
+from torch_qmprune.zoo import cache_dir, get_baseline, is_cached
 
 _TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def checkpoint_exists(name: str) -> bool:
-    epochs = BASELINES[name]["epochs"]
-    tag = f"{name}_e{epochs:g}_s0_nall"
-    return (cache_dir() / f"{tag}.pt").exists() and (cache_dir() / f"{tag}.json").exists()
 
 
 def uniform_params(model: nn.Module, fraction: float, basis: str) -> int:
@@ -188,7 +182,7 @@ def main() -> None:
     results = []
     skipped = []
     for name in args.models.split(","):
-        if name != "small_cnn" and not checkpoint_exists(name):
+        if name != "small_cnn" and not is_cached(name):
             print(f"\n## {name}: checkpoint not in {cache_dir()}; skipped (this script never "
                   "trains it)")
             skipped.append(name)

@@ -35,13 +35,7 @@ from torch_qmprune.data import load_fashion_mnist
 from torch_qmprune.policy import build_policy_problem, policy_allocation, uniform_allocation
 from torch_qmprune.structural import prune
 from torch_qmprune.training import evaluate
-from torch_qmprune.zoo import BASELINES, cache_dir, get_baseline
-
-
-def checkpoint_exists(name: str, seed: int = 0) -> bool:
-    """True when the cached checkpoint of ``name`` (default recipe) is on disk."""
-    tag = f"{name}_e{BASELINES[name]['epochs']:g}_s{seed}_nall"
-    return (cache_dir() / f"{tag}.pt").exists() and (cache_dir() / f"{tag}.json").exists()
+from torch_qmprune.zoo import get_baseline, is_cached
 
 
 def run_model(name: str, args: argparse.Namespace, x_cal: torch.Tensor, xt: torch.Tensor,
@@ -129,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     results, skipped = [], []
     start = time.perf_counter()
     for name in args.models:
-        if name != "small_cnn" and not checkpoint_exists(name, args.seed):
+        if name != "small_cnn" and not is_cached(name, seed=args.seed):
             print(f"[{name}] no cached checkpoint: skipped (never trained here)", flush=True)
             skipped.append(name)
             continue

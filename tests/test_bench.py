@@ -106,3 +106,19 @@ def test_speed_tiny_ratios_are_positive_and_finite(tmp_path):
     md = (out / "speed.md").read_text()
     assert "GroupMagnitudeImportance" in md and "Against the issue's targets" in md
     assert "Where `literal`'s time goes" in md and "secular equation" in md
+
+
+def test_checkpoint_path_is_where_get_baseline_caches(tmp_path, monkeypatch):
+    from torch_qmprune import zoo
+
+    monkeypatch.setenv("QMPRUNE_CACHE", str(tmp_path))
+    path = zoo.checkpoint_path("small_cnn", train_limit=64)
+    assert path == tmp_path / "small_cnn_e1_s0_n64.pt"
+    assert zoo.checkpoint_path("resnet18_s2", seed=2).name == "resnet18_s2_e4_s2_nall.pt"
+    assert not zoo.is_cached("small_cnn", train_limit=64)
+    path.write_bytes(b"")                                   # the .json beside it is missing
+    assert not zoo.is_cached("small_cnn", train_limit=64)
+    path.with_suffix(".json").write_text("{}")
+    assert zoo.is_cached("small_cnn", train_limit=64)
+    with pytest.raises(ValueError, match="unknown baseline"):
+        zoo.checkpoint_path("resnet1000")

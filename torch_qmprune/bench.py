@@ -232,14 +232,6 @@ def _median_time(fn: Callable[[], Any], repeats: int, device: torch.device | Non
 # ---------------------------------------------------------------------------------------------
 
 
-def _baseline_checkpoint(name: str, seed: int, epochs: float | None,
-                         train_limit: int | None) -> Path:
-    from .zoo import BASELINES, cache_dir
-
-    epochs = BASELINES[name]["epochs"] if epochs is None else epochs
-    return cache_dir() / f"{name}_e{epochs:g}_s{seed}_n{train_limit or 'all'}.pt"
-
-
 def _levels(sparsities: Sequence[float], speedups: Sequence[float]) -> list[dict[str, Any]]:
     levels = []
     for s in sparsities:
@@ -271,7 +263,7 @@ def run_table1(args: argparse.Namespace, argv: Sequence[str] | None = None) -> d
     from .data import load_fashion_mnist
     from .structural import QM_CRITERIA, TP_CRITERIA, prune
     from .training import evaluate, set_seed, train
-    from .zoo import BASELINES, get_baseline
+    from .zoo import BASELINES, checkpoint_path, get_baseline
 
     started = time.perf_counter()
     device = torch.device(args.device)
@@ -296,8 +288,8 @@ def run_table1(args: argparse.Namespace, argv: Sequence[str] | None = None) -> d
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
 
-    ckpt = _baseline_checkpoint(args.model, args.baseline_seed, args.baseline_epochs,
-                                args.train_limit)
+    ckpt = checkpoint_path(args.model, seed=args.baseline_seed, epochs=args.baseline_epochs,
+                           train_limit=args.train_limit)
     if args.require_cached and not ckpt.exists():
         raise FileNotFoundError(f"baseline checkpoint {ckpt} is not in the cache and "
                                 "--require-cached forbids training it here")

@@ -18,7 +18,7 @@ from .data import load_fashion_mnist
 from .models import resnet18_fmnist, small_cnn, small_vit
 from .training import evaluate, set_seed, train
 
-__all__ = ["BASELINES", "cache_dir", "get_baseline"]
+__all__ = ["BASELINES", "cache_dir", "checkpoint_path", "get_baseline", "is_cached"]
 
 BASELINES = {
     "small_cnn": dict(builder=lambda: small_cnn(), epochs=1.0, lr=0.05, augment=False),
@@ -35,6 +35,23 @@ def cache_dir() -> Path:
     path = Path(os.environ.get("QMPRUNE_CACHE", Path.home() / ".cache" / "torch_qmprune"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def checkpoint_path(name: str, *, seed: int = 0, epochs: float | None = None,
+                    train_limit: int | None = None) -> Path:
+    """The checkpoint file :func:`get_baseline` reads and writes for this recipe (its metadata
+    is the ``.json`` beside it); the name encodes model, epochs, seed and training size."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; expected one of {sorted(BASELINES)}")
+    epochs = BASELINES[name]["epochs"] if epochs is None else epochs
+    return cache_dir() / f"{name}_e{epochs:g}_s{seed}_n{train_limit or 'all'}.pt"
+
+
+def is_cached(name: str, *, seed: int = 0, epochs: float | None = None,
+              train_limit: int | None = None) -> bool:
+    """Whether :func:`get_baseline` would load this recipe from disk instead of training."""
+    ckpt = checkpoint_path(name, seed=seed, epochs=epochs, train_limit=train_limit)
+    return ckpt.exists() and ckpt.with_suffix(".json").exists()
 
 
 def get_baseline(
@@ -56,13 +73,10 @@ def get_baseline(
         >>> info["test_accuracy"] > 70
         True
     """
-    if name not in BASELINES:
-        raise ValueError(f"unknown baseline {name!r}; expected one of {sorted(BASELINES)}")
+    ckpt = checkpoint_path(name, seed=seed, epochs=epochs, train_limit=train_limit)
+    meta = ckpt.with_suffix(".json")
     recipe = BASELINES[name]
     epochs = recipe["epochs"] if epochs is None else epochs
-    tag = f"{name}_e{epochs:g}_s{seed}_n{train_limit or 'all'}"
-    ckpt = cache_dir() / f"{tag}.pt"
-    meta = cache_dir() / f"{tag}.json"
     set_seed(seed)
     model = recipe["builder"]()
     if ckpt.exists() and meta.exists() and not retrain:
