@@ -211,23 +211,16 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _md_cell(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, list):
-        return ", ".join(f"{v:.3f}" for v in value)
-    return str(value).replace("|", "\\|")
-
-
 def _md_table(rows: list[dict[str, Any]]) -> list[str]:
+    from .graph import summary_text
+
     if not rows:
         return []
     keys = [k for k in rows[0] if k != "block"]
     lines = ["| " + " | ".join(k.replace("_", " ") for k in keys) + " |",
              "|" + "---|" * len(keys)]
-    return lines + ["| " + " | ".join(_md_cell(row[k]) for k in keys) + " |" for row in rows]
+    return lines + ["| " + " | ".join(summary_text(row[k]).replace("|", "\\|") for k in keys)
+                    + " |" for row in rows]
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:

@@ -709,15 +709,8 @@ class RedundancyGraph:
         esc = html.escape
 
         def cell(value: Any) -> str:
-            if value is None:
-                return "<td>–</td>"
-            if isinstance(value, float):
-                return f'<td class="num">{value:.4g}</td>'
-            if isinstance(value, int):
-                return f'<td class="num">{value}</td>'
-            if isinstance(value, list):
-                return "<td>" + esc(", ".join(f"{v:.3f}" for v in value)) + "</td>"
-            return f"<td>{esc(str(value))}</td>"
+            num = isinstance(value, (int, float))
+            return ('<td class="num">' if num else "<td>") + esc(summary_text(value)) + "</td>"
 
         columns = [k for k in rows[0] if k != "block"] if rows else []
         layer_rows = "\n".join(
@@ -948,27 +941,35 @@ def _cluster_matrix(
     if k == len(reps):
         return copies
     # a copy with no edge to any other copy is a cluster of its own (nothing it can merge with
-    # at this bandwidth); spectral clustering runs on the connected rest with the remaining k
+    # at this bandwidth); spectral clustering runs on the linked rest with what k leaves (at
+    # least one cluster, so more than k come back when k < isolated copies + 1)
     sub = aff[np.ix_(reps, reps)]
     linked = (sub - np.diag(np.diag(sub))).max(axis=1) > 0
-    alone = [copies[r] for r, ok in enumerate(linked) if not ok]
-    if alone:
-        rest = [r for r, ok in enumerate(linked) if ok]
-        if not rest:
-            return alone
-        # isolated copies take their own clusters first; the rest gets what k leaves (at
-        # least one cluster, so more than k come back when k < isolated copies + 1)
-        k_rest = max(1, min(k - len(alone), len(rest)))
-        if k_rest == 1:
-            found = [[i for r in rest for i in copies[r]]]
-        elif k_rest == len(rest):
-            found = [copies[r] for r in rest]
-        else:
-            labels = _spectral_labels(sub[np.ix_(rest, rest)], k_rest, random_state)
-            found = [[i for j in group for i in copies[rest[j]]] for group in _groups(labels)]
-        return found + alone
-    labels = _spectral_labels(sub, k, random_state)
-    return [[i for r in group for i in copies[r]] for group in _groups(labels)]
+    rest = np.flatnonzero(linked).tolist()
+    alone = [copies[r] for r in np.flatnonzero(~linked).tolist()]
+    if not rest:
+        return alone
+    k_rest = max(1, min(k - len(alone), len(rest)))
+    if k_rest == 1:
+        found = [[i for r in rest for i in copies[r]]]
+    elif k_rest == len(rest):
+        found = [copies[r] for r in rest]
+    else:
+        labels = _spectral_labels(sub[np.ix_(rest, rest)], k_rest, random_state)
+        found = [[i for j in group for i in copies[rest[j]]] for group in _groups(labels)]
+    return found + alone
+
+
+def summary_text(value: Any) -> str:
+    """One cell of a layer / vertex summary as text (the HTML and Markdown reports share it):
+    ``None`` → "–", floats to 4 significant digits, lists of floats to 3 decimals."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ", ".join(f"{v:.3f}" for v in value)
+    return str(value)
 
 
 def _spectral_labels(aff: np.ndarray, k: int, random_state: int | None) -> np.ndarray:
