@@ -264,3 +264,14 @@ def test_prune_policy_allocation_rejects_latency_target():
     with pytest.raises(ValueError, match="target='latency'"):
         prune(model, torch.randn(1, 1, 28, 28), 0.5, target="latency", allocation="policy",
               calibration=torch.randn(8, 1, 28, 28))
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.5, -0.2, float("nan"), True, "0.5", None])
+def test_policy_and_prune_reject_the_same_bad_budgets(bad):
+    model = small_cnn().eval()
+    x = torch.randn(1, 1, 28, 28)
+    with pytest.raises(ValueError, match="budget is the fraction of macs kept"):
+        policy_allocation(model, x, bad)
+    if bad is not None:                                   # None means "no budget" to prune
+        with pytest.raises(ValueError, match="budget is the fraction of the resource kept"):
+            prune(model, x, budget=bad, criterion="l1", compensate=False)

@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-__all__ = ["check_amount", "check_finite", "check_ratio"]
+__all__ = ["check_amount", "check_budget", "check_finite", "check_ratio"]
 
 
 def check_amount(amount: object, name: str = "amount") -> float | int:
@@ -44,6 +44,16 @@ def check_ratio(ratio: object, name: str = "ratio", *, allow_one: bool = False) 
     if math.isnan(value) or value < 0.0 or not upper_ok:
         bound = "[0, 1]" if allow_one else "[0, 1)"
         raise ValueError(f"{name} must be a float in {bound}, got {ratio!r}")
+    return value
+
+
+def check_budget(budget: object, what: str = "the resource") -> float:
+    """Validate a budget: the fraction of ``what`` *kept*, in (0, 1] (``bool`` and NaN are
+    rejected)."""
+    value = (float(budget) if isinstance(budget, numbers.Real) and not isinstance(budget, bool)
+             else math.nan)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"budget is the fraction of {what} kept, in (0, 1]; got {budget!r}")
     return value
 
 

@@ -85,6 +85,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from ._validation import check_budget
 from .calibration import CalibrationStats, InputGram, collect_input_grams, iter_calibration
 from .importance import _as_rows, _is_out, greedy_merge_costs
 from .spectral import fubini_study
@@ -1274,10 +1275,7 @@ def _check_inputs(model: nn.Module, budget: float, resource: str) -> float:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if resource not in RESOURCES:
         raise ValueError(f"resource must be one of {RESOURCES}, got {resource!r}")
-    b = float(budget)
-    if not 0.0 < b <= 1.0 or math.isnan(b):
-        raise ValueError(f"budget is the fraction of {resource} kept, in (0, 1]; got {budget!r}")
-    return b
+    return check_budget(budget, resource)
 
 
 def policy_allocation(

@@ -19,7 +19,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ._transaction import atomic
-from ._validation import check_ratio
+from ._validation import check_budget, check_ratio
 from .calibration import (
     CalibrationStats,
     collect_input_grams,
@@ -674,12 +674,7 @@ def _resolve_ratio_and_allocation(
 ) -> tuple[float, str]:
     """Check the ratio/budget/allocation arguments of :func:`prune` against each other."""
     if budget is not None:
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (
-            0.0 < float(budget) <= 1.0
-        ):
-            raise ValueError(f"budget is the fraction of the resource kept, in (0, 1]; "
-                             f"got {budget!r}")
-        implied = 1.0 - float(budget)
+        implied = 1.0 - check_budget(budget)
         if ratio is not None and not (
             isinstance(ratio, (int, float)) and abs(float(ratio) - implied) < 1e-9
         ):
