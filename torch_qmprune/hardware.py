@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ._validation import check_ratio
 from .calibration import _forward
 from .spectral import fubini_study, spectral_state
+from .structural import register_allocation
 
 __all__ = [
     "LatencyAllocation",
@@ -781,10 +782,4 @@ def _latency_allocator(model: nn.Module, example_inputs: Any, *, ratio: float, t
     return dict(alloc), alloc.info
 
 
-def _register() -> None:
-    from .structural import register_allocation
-
-    register_allocation("latency", _latency_allocator, overwrite=True)
-
-
-_register()
+register_allocation("latency", _latency_allocator, overwrite=True)

@@ -89,6 +89,7 @@ from ._validation import check_budget
 from .calibration import CalibrationStats, InputGram, collect_input_grams, iter_calibration
 from .importance import _as_rows, _is_out, greedy_merge_costs
 from .spectral import fubini_study
+from .structural import register_allocation
 
 __all__ = [
     "QuantumPolicyGate",
@@ -1449,10 +1450,4 @@ def _policy_allocator(model: nn.Module, example_inputs: Any, *, ratio: float, ta
     return ratios, info
 
 
-def _register() -> None:
-    from .structural import register_allocation
-
-    register_allocation("policy", _policy_allocator, overwrite=True)
-
-
-_register()
+register_allocation("policy", _policy_allocator, overwrite=True)
