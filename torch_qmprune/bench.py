@@ -51,6 +51,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from .training import _progress as _training_progress
+
 __all__ = ["main", "build_parser", "run_table1", "run_speed", "PAPER_TABLE1", "VARIANTS",
            "TP_BUILTINS", "DEFAULT_CRITERIA", "render_table1_md", "where_we_lose"]
 
@@ -104,11 +106,8 @@ def _names(text: str) -> list[str]:
 
 
 def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True)
+    """The training bar, kept on screen when done (a benchmark's overall progress)."""
+    return _training_progress(iterable, total, desc, enabled, leave=True, dynamic_ncols=True)
 
 
 def cpu_model() -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -20,14 +20,16 @@ def set_seed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
+def _progress(iterable: Iterable, total: int, desc: str, enabled: bool, **tqdm_kwargs: Any):
+    """``iterable`` behind a tqdm bar when ``enabled`` (training, evaluation, the benchmark
+    loops); extra keywords go to tqdm (default ``leave=False``)."""
     if not enabled:
         return iterable
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return iterable
-    return tqdm(iterable, total=total, desc=desc, leave=False)
+    return tqdm(iterable, total=total, desc=desc, **{"leave": False, **tqdm_kwargs})
 
 
 def train(
