@@ -547,7 +547,7 @@ def prune(
         if allocation != "uniform":
             t0 = time.perf_counter()
             layer_ratios, allocation_info = _allocate(
-                allocation, model, example_inputs, ratio=ratio, target=target,
+                allocation, model, example_inputs, names, ratio=ratio, target=target,
                 calibration=calibration, ignored_layers=ignored_layers, round_to=round_to,
                 device=dev, device_profile=device_profile, budget=budget,
                 allocation_kwargs=allocation_kwargs,
@@ -716,14 +716,14 @@ def _allocate(
     name: str,
     model: nn.Module,
     example_inputs: Any,
+    names: Mapping[nn.Module, str],
     *,
     allocation_kwargs: Mapping[str, Any] | None,
     **arguments: Any,
 ) -> tuple[dict[nn.Module, float], dict[str, Any]]:
-    """Run a registered allocator and check what it returns."""
+    """Run a registered allocator and check what it returns (``names``: module → name)."""
     ratios, info = _ALLOCATIONS[name](model, example_inputs, **arguments,
                                       **dict(allocation_kwargs or {}))
-    names = {m: n for n, m in model.named_modules()}
     out: dict[nn.Module, float] = {}
     for layer, value in dict(ratios).items():
         if layer not in names:
