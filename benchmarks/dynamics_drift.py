@@ -3,7 +3,8 @@ density matrix predict the Fubini–Study drift d_FS,t better than naive forecas
 
 Set-up: the cached small CNN (``get_baseline("small_cnn")``) runs on Fashion-MNIST test images
 whose corruption grows window by window (rotation angle or Gaussian noise rising linearly from 0
-to ``--max-angle`` / ``--max-noise``; each window sees fresh images). A
+to ``--max-angle`` / ``--max-noise``, or a class-mix shift: the share of images from classes 0–4
+rising from one half to (1 + ``--max-mix``)/2; each window sees fresh images). A
 :class:`~torch_qmprune.dynamics.SpectralTracker` on one or two layers emits one density matrix ρ_t
 per window and d_FS(ψ_t, ψ_0) to the first (clean) window. For each forecast origin o (the first
 is ``--fit`` windows in), every forecaster sees windows 0..o and predicts d_FS of windows
@@ -13,14 +14,16 @@ o+1..o+k:
 * linear — least-squares line through the last ``--linear-window`` observed d_FS values;
 * Lindblad — :class:`~torch_qmprune.dynamics.LindbladPredictor` fitted on ρ_0..ρ_o (or only the
   last W windows, ``@W``) in the rank-r reduced basis, evolved from ρ_o, lifted back, d_FS of the
-  forecast spectral state to ρ_0 (variants: rollout or one-step objective, optionally
-  H(t) = H0 + t·H1). Note that d_FS of spectral states is blind to the unitary part −i[H, ρ]
-  (it only rotates the eigenbasis): only the dissipator moves the forecast spectrum.
+  forecast spectral state to ρ_0 (variants: rollout or one-step objective; a constant generator,
+  H(t) = H0 + t·H1 (``_linearH``) or a dissipation ramping up linearly in time, 𝓛(t) =
+  𝓛[H0; L] + t·D[M] (``_ramp``)). Note that d_FS of spectral states is blind to the unitary part
+  −i[H, ρ] (it only rotates the eigenbasis): only the dissipator moves the forecast spectrum,
+  which is why the time dependence that matters is the ramp's.
 
 Prints a markdown table of the mean absolute error per horizon (over corruptions × layers ×
 origins) and the tracker's throughput ratio; ``--out`` writes everything as JSON.
 
-Run: ``python benchmarks/dynamics_drift.py --out runs/dynamics_drift.json``
+Run: ``python benchmarks/dynamics_drift.py --workers 2 --out runs/dynamics_drift.json``
 """
 
 from __future__ import annotations
@@ -64,9 +67,32 @@ def corrupt(x_raw: torch.Tensor, kind: str, severity: float, args: argparse.Name
         out = rotate(x_raw, severity * args.max_angle)
     elif kind == "noise":
         out = x_raw + severity * args.max_noise * torch.randn(x_raw.shape, generator=gen)
+    elif kind == "classmix":  # the shift is in which images are drawn (classmix_stream)
+        out = x_raw
     else:
         raise ValueError(kind)
     return (out - _MEAN) / _STD
+
+
+def classmix_stream(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images for a class-mix shift: in window w (severity s = w / (windows − 1)) each image is
+    drawn from classes 0–4 with probability (1 + s·``max_mix``)/2, else from classes 5–9, without
+    replacement from the 10,000 test images — balanced at first, one-sided at the end."""
+    x_all, y_all = load_fashion_mnist("test", normalize=False)
+    g = torch.Generator().manual_seed(args.seed + 2)
+    perm = torch.randperm(y_all.shape[0], generator=g)
+    pools = [perm[y_all[perm] < 5].tolist(), perm[y_all[perm] >= 5].tolist()]
+    per_window = args.window_batches * args.batch_size
+    idx = []
+    for w in range(args.windows):
+        s = w / (args.windows - 1)
+        for first in (torch.rand(per_window, generator=g) < (1 + s * args.max_mix) / 2).tolist():
+            pool = pools[0 if first else 1]
+            if not pool:
+                raise SystemExit("classmix: too few test images for --windows × window size; "
+                                 "lower --max-mix or the window size")
+            idx.append(pool.pop())
+    return x_all[idx], y_all[idx]
 
 
 def linear_forecast(values: torch.Tensor, horizon: int, window: int) -> torch.Tensor:
@@ -81,27 +107,34 @@ def linear_forecast(values: torch.Tensor, horizon: int, window: int) -> torch.Te
     return y.mean() + slope * (future - t.mean())
 
 
-def parse_variant(variant: str) -> tuple[str, bool, int | None]:
-    """``"<objective>[_linearH][@W]"`` -> (objective, H(t) linear?, sliding fit window)."""
+#: variant suffix -> LindbladPredictor's ``time_dependent``
+TIME_DEPENDENCE = {"_linearH": "linear", "_ramp": "ramp"}
+
+
+def parse_variant(variant: str) -> tuple[str, str | bool, int | None]:
+    """``"<objective>[_linearH|_ramp][@W]"`` -> (objective, time dependence, sliding fit
+    window)."""
     name, _, window = variant.partition("@")
-    linear = name.endswith("_linearH")
-    objective = name.removesuffix("_linearH")
-    if objective not in ("rollout", "one_step") or (window and not window.isdigit()):
+    mode: str | bool = False
+    for suffix, td in TIME_DEPENDENCE.items():
+        if name.endswith(suffix):
+            name, mode = name.removesuffix(suffix), td
+    if name not in ("rollout", "one_step") or (window and not window.isdigit()):
         raise argparse.ArgumentTypeError(f"bad variant {variant!r}")
-    return objective, linear, int(window) if window else None
+    return name, mode, int(window) if window else None
 
 
 def lindblad_forecast(traj: torch.Tensor, variant: str,
                       args: argparse.Namespace) -> tuple[list[float], dict]:
     """Fit one LindbladPredictor variant on windows 0..o (or the last W of them) and forecast
     d_FS of windows o+1..o+k to ρ_0."""
-    objective, linear, window = parse_variant(variant)
+    objective, mode, window = parse_variant(variant)
     reference = traj[0]
     if window is not None:
         traj = traj[-window:]
     t1 = time.perf_counter()
     pred = LindbladPredictor(min(args.rank, traj.shape[-1]), n_jump=args.n_jump,
-                             time_dependent="linear" if linear else False, objective=objective,
+                             time_dependent=mode, objective=objective,
                              steps=args.steps, polish_steps=args.polish_steps, dt=args.dt,
                              seed=args.seed)
     pred.fit(traj)
@@ -151,8 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="JSON output path")
-    p.add_argument("--corruptions", nargs="+", default=["rotation", "noise"],
-                   choices=["rotation", "noise"])
+    p.add_argument("--corruptions", nargs="+", default=["rotation", "noise", "classmix"],
+                   choices=["rotation", "noise", "classmix"])
     p.add_argument("--layers", nargs="+", default=["features.4", "features.8"])
     p.add_argument("--windows", type=int, default=24, help="windows in all")
     p.add_argument("--window-batches", type=int, default=2, help="batches per window")
@@ -165,6 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-angle", type=float, default=45.0, help="degrees at the last window")
     p.add_argument("--max-noise", type=float, default=1.0, help="noise std (raw [0,1] pixel "
                    "units) at the last window")
+    p.add_argument("--max-mix", type=float, default=0.9, help="classmix: share of the last "
+                   "window's images drawn from classes 0-4 is (1 + this) / 2")
     p.add_argument("--rank", type=int, default=8, help="reduced basis size for the predictor")
     p.add_argument("--n-jump", type=int, default=2)
     p.add_argument("--steps", type=int, default=300, help="Adam steps")
@@ -172,8 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dt", type=float, default=1.0, help="integration sub-step (windows); for "
                    "H(t) variants 1.0 = one midpoint exponential per window")
     p.add_argument("--variants", nargs="+",
-                   default=["rollout", "one_step", "one_step@4", "one_step_linearH@4"],
-                   help="Lindblad variants '<rollout|one_step>[_linearH][@W]': objective, "
+                   default=["rollout", "one_step@4", "one_step_ramp", "rollout_ramp"],
+                   help="Lindblad variants '<rollout|one_step>[_linearH|_ramp][@W]': objective, "
                    "H(t) = H0 + t·H1, fit on the last W windows only (default: all)")
     p.add_argument("--overhead-iters", type=int, default=5)
     p.add_argument("--workers", type=int, default=1, help="processes for the predictor fits "
@@ -209,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
             if args.workers > 1 else _Inline())
     for kind in args.corruptions:
         t0 = time.perf_counter()
-        tr, accs = track(model, x_raw, y, kind, args, device)
+        xs, ys = classmix_stream(args) if kind == "classmix" else (x_raw, y)
+        tr, accs = track(model, xs, ys, kind, args, device)
         print(f"[{kind}] tracked {args.windows} windows in {time.perf_counter() - t0:.1f}s; "
               f"accuracy {accs[0]:.1f}% -> {accs[-1]:.1f}%", flush=True)
         for layer in args.layers:

@@ -447,11 +447,13 @@ def test_liouvillian_matches_matrix_form() -> None:
 
 
 @pytest.mark.parametrize("integrator", ["expm", "rk4"])
-@pytest.mark.parametrize("time_dependent", [False, True])
-def test_lindblad_keeps_trace_and_positivity(integrator: str, time_dependent: bool) -> None:
+@pytest.mark.parametrize("time_dependent", [False, "linear", "ramp"])
+def test_lindblad_keeps_trace_and_positivity(integrator: str, time_dependent: str | bool) -> None:
     H, L, _ = _random_system(4, 2, seed=7)
-    H1 = _random_system(4, 1, seed=8)[0] * 0.2 if time_dependent else None
-    model = LindbladPredictor.from_operators(H, 3 * L, H1, integrator=integrator, dt=0.05)
+    H1 = _random_system(4, 1, seed=8)[0] * 0.2 if time_dependent == "linear" else None
+    M = _random_system(4, 2, seed=17)[1] if time_dependent == "ramp" else None
+    model = LindbladPredictor.from_operators(H, 3 * L, H1, M, integrator=integrator, dt=0.05)
+    assert model.time_dependent == time_dependent
     for seed, rank in ((9, None), (10, 1)):  # full rank and pure initial states
         rho0 = _random_density(4, seed, rank)
         traj = model.predict(rho0, 20, step=0.5)
@@ -554,6 +556,50 @@ def test_time_dependent_predictor_fits_linear_hamiltonian() -> None:
     assert linear.fit_loss < static.fit_loss / 10
     err = _frob(linear.predict(traj[11], 4, t0=5.5), traj[12:])
     assert float(err.max()) < 2e-2
+
+
+def _ramp_truth() -> tuple[torch.Tensor, LindbladPredictor]:
+    # relaxation towards level 0 at a rate that grows with t (a corruption ramping up): the
+    # population of level 0 follows 1 − c·exp(−γ t²/2), slow at first, then saturating
+    M = torch.zeros(2, 3, 3, dtype=C128)
+    M[0, 0, 1] = M[1, 0, 2] = 0.35  # |0⟩⟨1|, |0⟩⟨2|
+    truth = LindbladPredictor.from_operators(torch.zeros(3, 3), 0.1 * M, ramp_jumps=M, dt=0.5)
+    rho0 = torch.diag(torch.tensor([0.2, 0.5, 0.3], dtype=C128))
+    return torch.cat([rho0[None], truth.predict(rho0, 15, step=0.5)]), truth
+
+
+def test_ramp_predictor_forecasts_a_ramping_dissipation() -> None:
+    traj, truth = _ramp_truth()
+    assert truth.time_dependent == "ramp" and truth.ramp_jump_operators.shape == (2, 3, 3)
+    gain = traj[1:, 0, 0].real - traj[:-1, 0, 0].real
+    assert float(gain[3]) > 1.5 * float(gain[0])  # it speeds up: no constant generator does
+    times = 0.5 * torch.arange(10)
+    kw = dict(n_jump=2, objective="rollout", dt=0.5, steps=300, polish_steps=200)
+    static = LindbladPredictor(3, **kw).fit(traj[:10], times)
+    ramp = LindbladPredictor(3, time_dependent="ramp", **kw).fit(traj[:10], times)
+    assert ramp.fit_loss < static.fit_loss / 100
+    psi0 = spectral_state_of_density(traj[0])
+    true_d = torch.stack([fubini_study(spectral_state_of_density(r), psi0) for r in traj[10:]])
+    err = {name: (m.forecast_distance(traj[:10], 6, reference=traj[0]) - true_d).abs().max()
+           for name, m in (("static", static), ("ramp", ramp))}
+    assert float(err["ramp"]) < 5e-3 and float(err["ramp"]) < float(err["static"]) / 10, err
+
+
+def test_ramp_predictor_refuses_negative_times_and_bad_operators() -> None:
+    traj, truth = _ramp_truth()
+    model = LindbladPredictor(3, time_dependent="ramp", steps=2, polish_steps=0)
+    with pytest.raises(ValueError, match="times >= 0"):
+        model.fit(traj[:4], torch.arange(4.0) - 1)
+    with pytest.raises(ValueError, match="t0 >= 0"):
+        truth.predict(traj[0], 2, t0=-1.0)
+    with pytest.raises(ValueError, match="ramp_jumps must have the shape"):
+        LindbladPredictor.from_operators(torch.zeros(3, 3), torch.zeros(2, 3, 3),
+                                         ramp_jumps=torch.zeros(1, 3, 3))
+    with pytest.raises(ValueError, match="not both"):
+        LindbladPredictor.from_operators(torch.zeros(3, 3), torch.zeros(2, 3, 3),
+                                         torch.eye(3), torch.zeros(2, 3, 3))
+    with pytest.raises(ValueError, match="'ramp'"):
+        LindbladPredictor(3, time_dependent="quadratic")
 
 
 def test_forecast_channel_redundancy_follows_a_trend() -> None:

@@ -843,7 +843,17 @@ class LindbladPredictor:
     """Learned Lindblad (GKSL) dynamics of a density-matrix trajectory, for forecasting §3.3.
 
     Model: dρ/dt = −i[H(t), ρ] + Σ_{k<n_jump} (L_k ρ L_k† − ½{L_k†L_k, ρ}), with
-    H(t) = H_0 (``time_dependent=False``) or H_0 + t·H_1 (``"linear"``). H is complex Hermitian,
+    H(t) = H_0 (``time_dependent=False``) or H_0 + t·H_1 (``"linear"``); or, with
+    ``time_dependent="ramp"``, a dissipation that grows linearly in time,
+    𝓛(t) = 𝓛[H_0; L_k] + t·D[M_k]: a second set of n_jump jump operators M_k whose rates grow
+    with t, as under a corruption whose severity ramps up (D[M](ρ) = Σ_k M_k ρ M_k† −
+    ½{M_k†M_k, ρ}; a sum of GKSL generators with non-negative weights is GKSL, so every 𝓛(t)
+    with t ≥ 0 is a valid Lindbladian, and negative times are refused; :meth:`fit`'s default
+    times start at 0). ``"linear"``
+    alone cannot move a spectrum — a unitary keeps the eigenvalues — ``"ramp"`` can: e.g.
+    d_FS(ψ_t, ψ_0) of a state relaxing at a rate γ_1·t follows 1 − exp(−γ_1 t²/2), the slow
+    start and saturation of a ramped corruption, which no constant generator (a pure
+    exponential, fastest at t = 0) produces. H is complex Hermitian,
     parameterized as S + iA (S real symmetric, A real antisymmetric); L_k are complex d × d.
     Everything runs in complex128. For real density matrices note that the −i[S, ρ] part makes
     ρ complex (still Hermitian); only H = iA (and real L_k) keeps a real ρ real —
@@ -874,7 +884,8 @@ class LindbladPredictor:
     Args:
         dim: dimension d the dynamics live in (≤ 16 is practical).
         n_jump: number of jump operators K (0: unitary dynamics).
-        time_dependent: ``False`` or ``"linear"`` (H(t) = H_0 + t·H_1).
+        time_dependent: ``False``, ``"linear"`` (H(t) = H_0 + t·H_1) or ``"ramp"``
+            (𝓛(t) = 𝓛[H_0; L] + t·D[M], t ≥ 0).
         lr, steps: Adam learning rate (cosine-annealed to 5 %) and iterations.
         polish_steps: L-BFGS iterations (strong Wolfe line search) after Adam, 0 to skip. Adam
             alone stalls at relative losses around 1e-4 on this problem; the quasi-Newton polish
@@ -902,7 +913,7 @@ class LindbladPredictor:
         self,
         dim: int,
         n_jump: int = 2,
-        time_dependent: Literal[False, "linear"] = False,
+        time_dependent: Literal[False, "linear", "ramp"] = False,
         *,
         lr: float = 0.03,
         steps: int = 300,
@@ -920,8 +931,9 @@ class LindbladPredictor:
             raise ValueError(f"dim={dim}: the Liouvillian is dim² × dim²; reduce to dim ≤ 16")
         if isinstance(n_jump, bool) or not isinstance(n_jump, int) or n_jump < 0:
             raise ValueError(f"n_jump must be an int >= 0, got {n_jump!r}")
-        if time_dependent not in (False, None, "linear"):
-            raise ValueError(f"time_dependent must be False or 'linear', got {time_dependent!r}")
+        if time_dependent not in (False, None, "linear", "ramp"):
+            raise ValueError(f"time_dependent must be False, 'linear' or 'ramp', "
+                             f"got {time_dependent!r}")
         if objective not in ("rollout", "one_step"):
             raise ValueError(f"objective must be 'rollout' or 'one_step', got {objective!r}")
         if integrator not in ("expm", "rk4"):
@@ -943,10 +955,14 @@ class LindbladPredictor:
         if not real:
             self.params["h0_re"] = param(d, d)
             self.params["l_im"] = param(n_jump, d, d)
-        if self.time_dependent:
+        if self.time_dependent == "linear":
             self.params["h1_im"] = param(d, d, scale=0.0)
             if not real:
                 self.params["h1_re"] = param(d, d, scale=0.0)
+        if self.time_dependent == "ramp":
+            self.params["m_re"] = param(n_jump, d, d)
+            if not real:
+                self.params["m_im"] = param(n_jump, d, d)
         self.basis: Tensor | None = None
         self.step: float = 1.0
         self.t_last: float = 0.0
@@ -957,16 +973,28 @@ class LindbladPredictor:
 
     @classmethod
     def from_operators(cls, H: Tensor, jumps: Tensor, H1: Tensor | None = None,
-                       **kwargs: Any) -> LindbladPredictor:
-        """A predictor with the given H_0, jump operators (``(K, d, d)``) and optional H_1,
-        e.g. to simulate a known system. H must be Hermitian (its Hermitian part is used)."""
+                       ramp_jumps: Tensor | None = None, **kwargs: Any) -> LindbladPredictor:
+        """A predictor with the given H_0, jump operators (``(K, d, d)``), and either H_1
+        (``time_dependent="linear"``) or ramp jump operators M_k (``(K, d, d)``, same K;
+        ``"ramp"``), e.g. to simulate a known system. H must be Hermitian (its Hermitian part
+        is used)."""
         H = _sym(_as_c128(H))
         jumps = _as_c128(jumps)
         if jumps.ndim == 2:
             jumps = jumps[None]
         d = H.shape[0]
-        model = cls(d, n_jump=jumps.shape[0], time_dependent="linear" if H1 is not None else False,
-                    **kwargs)
+        if ramp_jumps is not None:
+            if H1 is not None:
+                raise ValueError("pass H1 (time_dependent='linear') or ramp_jumps ('ramp'), "
+                                 "not both")
+            ramp_jumps = _as_c128(ramp_jumps)
+            if ramp_jumps.ndim == 2:
+                ramp_jumps = ramp_jumps[None]
+            if ramp_jumps.shape != jumps.shape:
+                raise ValueError(f"ramp_jumps must have the shape of jumps {tuple(jumps.shape)}, "
+                                 f"got {tuple(ramp_jumps.shape)}")
+        mode = "ramp" if ramp_jumps is not None else "linear" if H1 is not None else False
+        model = cls(d, n_jump=jumps.shape[0], time_dependent=mode, **kwargs)
         with torch.no_grad():
             p = model.params
             # H = S + iA with S = sym(h_re) and A = antisym(h_im): store S and A directly
@@ -981,6 +1009,10 @@ class LindbladPredictor:
                 if "h1_re" in p:
                     p["h1_re"].copy_(H1.real)
                 p["h1_im"].copy_(H1.imag)
+            if ramp_jumps is not None:
+                p["m_re"].copy_(ramp_jumps.real)
+                if "m_im" in p:
+                    p["m_im"].copy_(ramp_jumps.imag)
         return model
 
     # -- operators ----------------------------------------------------------------------------
@@ -995,32 +1027,44 @@ class LindbladPredictor:
         return out
 
     def hamiltonian(self, t: float = 0.0) -> Tensor:
-        """H(t) = H_0 (+ t·H_1), ``(d, d)`` complex128 Hermitian."""
+        """H(t) = H_0 (+ t·H_1 for ``"linear"``), ``(d, d)`` complex128 Hermitian."""
         H = self._herm("h0_re", "h0_im")
-        if self.time_dependent:
+        if self.time_dependent == "linear":
             H = H + t * self._herm("h1_re", "h1_im")
         return H
+
+    def _complex(self, re: str, im: str) -> Tensor:
+        p = self.params
+        out = p[re].to(_C128)
+        if im in p:
+            out = out + 1j * p[im].to(_C128)
+        return out
 
     @property
     def jump_operators(self) -> Tensor:
         """The L_k, ``(K, d, d)`` complex128."""
-        p = self.params
-        L = p["l_re"].to(_C128)
-        if "l_im" in p:
-            L = L + 1j * p["l_im"].to(_C128)
-        return L
+        return self._complex("l_re", "l_im")
+
+    @property
+    def ramp_jump_operators(self) -> Tensor | None:
+        """The M_k of ``time_dependent="ramp"`` (rates growing with t), ``(K, d, d)`` complex128;
+        ``None`` for the other modes."""
+        return self._complex("m_re", "m_im") if self.time_dependent == "ramp" else None
 
     def liouvillian(self, t: float = 0.0) -> Tensor:
         """𝓛(t), ``(d², d²)`` complex128 (see :func:`liouvillian`)."""
-        return liouvillian(self.hamiltonian(t), self.jump_operators)
+        G0, G1 = self._generators()
+        return G0 if G1 is None else G0 + t * G1
 
     def _generators(self) -> tuple[Tensor, Tensor | None]:
-        """𝓛(t) = G0 + t·G1 (the Liouvillian is affine in H)."""
+        """𝓛(t) = G0 + t·G1 (the Liouvillian is affine in H; ``"ramp"``: G1 = D[M])."""
         G0 = liouvillian(self._herm("h0_re", "h0_im"), self.jump_operators)
         if not self.time_dependent:
             return G0, None
-        H1 = self._herm("h1_re", "h1_im")
         d = self.dim
+        if self.time_dependent == "ramp":
+            return G0, liouvillian(torch.zeros(d, d, dtype=_C128), self.ramp_jump_operators)
+        H1 = self._herm("h1_re", "h1_im")
         eye = torch.eye(d, dtype=_C128)
         G1 = -1j * (_kron(H1, eye) - _kron(eye, H1.T))
         return G0, G1
@@ -1130,6 +1174,9 @@ class LindbladPredictor:
             tlist = [float(t) for t in torch.as_tensor(times, dtype=_F64).reshape(-1)]
             if len(tlist) != T or any(b <= a for a, b in zip(tlist[:-1], tlist[1:])):
                 raise ValueError("times must be strictly increasing with one entry per window")
+        if self.time_dependent == "ramp" and tlist[0] < 0:
+            raise ValueError(f"time_dependent='ramp' needs times >= 0 (the ramp adds t·D[M], a "
+                             f"valid dissipator only for t >= 0), got times[0]={tlist[0]}")
         self.step = (tlist[-1] - tlist[0]) / (T - 1)
         self.t_last = tlist[-1]
         self.t_first = tlist[0]
@@ -1207,7 +1254,7 @@ class LindbladPredictor:
                 step: float | None = None) -> Tensor:
         """Evolve ``rho0`` (``(D, D)``) for ``horizon_steps`` steps of length ``step`` (default:
         the fitted window spacing, 1 before fitting) starting at time ``t0`` (default 0; only
-        matters for ``time_dependent="linear"``).
+        matters for a time-dependent generator; ``"ramp"`` needs t0 ≥ 0).
 
         Returns:
             ``(horizon_steps, D, D)`` complex128: the states after 1, …, h steps. With a reduced
@@ -1218,6 +1265,8 @@ class LindbladPredictor:
             raise ValueError(f"horizon_steps must be an int >= 1, got {horizon_steps!r}")
         step = self.step if step is None else float(step)
         t0 = 0.0 if t0 is None else float(t0)
+        if self.time_dependent == "ramp" and t0 < 0:
+            raise ValueError(f"time_dependent='ramp' needs t0 >= 0, got {t0}")
         rho0 = _as_c128(rho0)
         red, mass = self._reduce(rho0)
         times = [t0 + i * step for i in range(horizon_steps + 1)]
