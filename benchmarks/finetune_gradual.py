@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from torch_qmprune.bench import environment, write_results
 from torch_qmprune.data import load_fashion_mnist
 from torch_qmprune.schedule import PruningScheduler
 from torch_qmprune.structural import count_params_and_macs, prune
@@ -169,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
                  steps=args.steps, target=args.target, criterion=args.criterion,
                  calibration=args.calibration, lr=args.lr, threads=args.threads)
             for m in models for s in args.seeds.split(",") for meth in args.methods.split(",")]
+    env = environment("cpu")
     start = time.perf_counter()
     results = []
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
@@ -179,17 +178,14 @@ def main(argv: list[str] | None = None) -> dict:
             results.append(res)
     rows, table = summarize(results)
     print(table)
-    env = dict(python=sys.version.split()[0], torch=torch.__version__,
-               platform=platform.platform(), cpus=os.cpu_count(),
-               processor=platform.processor() or platform.machine(),
+    env.update(cpus=env["cpu_count"], processor=env["cpu_model"],
                workers=args.workers, threads_per_worker=args.threads,
                total_seconds=time.perf_counter() - start,
                command="python benchmarks/finetune_gradual.py " + " ".join(argv or sys.argv[1:]),
                skipped=skipped)
     out = {"args": vars(args), "env": env, "rows": rows, "results": results, "table": table}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=2, default=str))
+        write_results(args.out, out)
     if args.md:
         Path(args.md).parent.mkdir(parents=True, exist_ok=True)
         Path(args.md).write_text(table + "\n")

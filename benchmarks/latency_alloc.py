@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torchvision.models import resnet18
 
+from torch_qmprune.bench import environment, write_results
 from torch_qmprune.hardware import latency_allocation, measure_profile
 from torch_qmprune.structural import count_params_and_macs, prune
 
@@ -227,6 +228,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    env = environment(args.device)
     start = time.perf_counter()
     results = []
     for b in [] if args.skip_resnet else args.batches:
@@ -237,9 +239,8 @@ def main() -> None:
               flush=True)
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"CPU {platform.processor() or platform.machine()}")
-    meta = {"torch": torch.__version__, "threads": args.threads, "device_name": device_name,
-            "size": args.size, "ratio": args.ratio, "machine": platform.platform(),
-            "seconds": time.perf_counter() - start, "args": vars(args)}
+    meta = {**env, "threads": args.threads, "device_name": device_name, "size": args.size,
+            "ratio": args.ratio, "seconds": time.perf_counter() - start, "args": vars(args)}
     md = markdown(results, meta) if results else ""
     small = small_cnn_check(args) if args.small_cnn else None
     if small:
@@ -247,9 +248,7 @@ def main() -> None:
     meta["seconds"] = time.perf_counter() - start
     print("\n" + md)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"meta": meta, "results": results,
-                                              "small_cnn": small}, indent=2, default=str))
+        write_results(args.out, {"meta": meta, "results": results, "small_cnn": small})
     if args.md:
         Path(args.md).write_text(md)
 

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
-import platform
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from torch_qmprune.bench import environment, write_results
 from torch_qmprune.calibration import recalibrate_batchnorm
 from torch_qmprune.data import load_fashion_mnist
 from torch_qmprune.lowrank import lowrank_compress
@@ -178,6 +177,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    env = environment("cpu")
     start = time.perf_counter()
     results = []
     skipped = []
@@ -190,12 +190,10 @@ def main() -> None:
         results.append(bench_model(name, args))
     md = markdown(results, args)
     print("\n" + md)
-    meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.platform(),
-            "processor": platform.processor(), "seconds": time.perf_counter() - start,
-            "args": vars(args), "skipped": skipped}
+    meta = {**env, "threads": args.threads, "processor": env["cpu_model"],
+            "seconds": time.perf_counter() - start, "args": vars(args), "skipped": skipped}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        write_results(args.out, {"meta": meta, "results": results})
     if args.md:
         Path(args.md).write_text(md)
 

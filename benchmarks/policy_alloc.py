@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from torch_qmprune.bench import environment, write_results
 from torch_qmprune.data import load_fashion_mnist
 from torch_qmprune.policy import build_policy_problem, policy_allocation, uniform_allocation
 from torch_qmprune.structural import prune
@@ -121,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     x_cal, _ = load_fashion_mnist("train", limit=args.calibration)
     xt, yt = load_fashion_mnist("test", limit=args.test_limit)
     results, skipped = [], []
+    env = environment("cpu")
     start = time.perf_counter()
     for name in args.models:
         if name != "small_cnn" and not is_cached(name, seed=args.seed):
@@ -131,12 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(results, args, skipped)
     print(table)
     payload = dict(args=vars(args), results=results, skipped=skipped,
-                   seconds=time.perf_counter() - start, torch=torch.__version__,
-                   python=sys.version.split()[0], platform=platform.platform(),
+                   seconds=time.perf_counter() - start, **env,
                    command="python benchmarks/policy_alloc.py " + " ".join(argv or sys.argv[1:]))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(payload, indent=2, default=str))
+        write_results(args.out, payload)
     if args.md:
         Path(args.md).parent.mkdir(parents=True, exist_ok=True)
         Path(args.md).write_text(table + "\n")

@@ -42,9 +42,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -54,6 +51,7 @@ import torch_pruning as tp
 from torch import nn
 
 from torch_qmprune import compensate_group, prune
+from torch_qmprune.bench import environment, write_results
 from torch_qmprune.calibration import collect_input_grams
 from torch_qmprune.data import load_fashion_mnist
 from torch_qmprune.dynamics import (
@@ -231,6 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("origins/horizon/fit-windows do not fit in --windows")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    env = environment("cpu")
     start = time.perf_counter()
     model, info = get_baseline("small_cnn")
     model.eval()
@@ -284,13 +283,10 @@ def main(argv: list[str] | None = None) -> dict:
         config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         baseline=info, summary=summary, markdown="\n".join(lines), results=results,
         seconds=time.perf_counter() - start,
-        env=dict(torch=torch.__version__, python=sys.version.split()[0],
-                 machine=platform.machine(), cpu_count=os.cpu_count(),
-                 threads=torch.get_num_threads()),
+        env={**env, "threads": torch.get_num_threads()},
     )
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+        write_results(args.out, result)
         print(f"wrote {args.out}")
     return result
 

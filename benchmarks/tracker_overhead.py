@@ -42,9 +42,7 @@ Run: ``python benchmarks/tracker_overhead.py --out docs/results/dynamics.overhea
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -53,6 +51,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from torch_qmprune.bench import environment, write_results
 from torch_qmprune.dynamics import SpectralTracker, bures_angle
 from torch_qmprune.spectral import fubini_study
 
@@ -231,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torchvision
 
     torch.manual_seed(args.seed)
+    env = environment("cpu")
     model = torchvision.models.resnet18(weights=None).eval()
     start = time.perf_counter()
     shapes = {}
@@ -267,13 +267,11 @@ def main(argv: list[str] | None = None) -> dict:
     result = dict(
         config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         shapes=shapes, seconds=time.perf_counter() - start,
-        env=dict(torch=torch.__version__, python=sys.version.split()[0],
-                 machine=platform.machine(), processor=platform.processor(),
-                 cpu_count=os.cpu_count(), threads=torch.get_num_threads(), loadavg_end=load),
+        env={**env, "processor": env["cpu_model"], "threads": torch.get_num_threads(),
+             "loadavg_end": load},
     )
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+        write_results(args.out, result)
         print(f"wrote {args.out}")
     return result
 

@@ -54,7 +54,8 @@ from torch import nn
 from .training import _progress as _training_progress
 
 __all__ = ["main", "build_parser", "run_table1", "run_speed", "PAPER_TABLE1", "VARIANTS",
-           "TP_BUILTINS", "DEFAULT_CRITERIA", "render_table1_md", "where_we_lose"]
+           "TP_BUILTINS", "DEFAULT_CRITERIA", "render_table1_md", "where_we_lose", "environment",
+           "write_results"]
 
 #: The paper's Table 1 (ResNet-18, "approximated based on the FS distance and the remaining
 #: parameter ratio" — not measured), keyed by parameter sparsity.
@@ -154,6 +155,7 @@ def environment(device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_pruning": _dist_version("torch-pruning", getattr(tp, "__version__", "unknown")),
         "platform": platform.platform(),
+        "machine": platform.machine(),
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -200,10 +202,17 @@ def _load(env: dict[str, Any], when: str) -> str:
     return f"{value[0]:.1f}" if value else "?"
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
+def write_results(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write a results file: ``payload`` as indented JSON (values JSON cannot hold, such as
+    paths, as their ``str``), creating the parent folders; written to a temporary file beside
+    it and renamed, so that an interrupted run never leaves a half-written file. Returns the
+    path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     tmp.replace(path)
+    return path
 
 
 def _sync(device: torch.device) -> None:
@@ -444,7 +453,7 @@ def run_table1(args: argparse.Namespace, argv: Sequence[str] | None = None) -> d
                                 "finetune_epochs": args.finetune_epochs,
                                 "finetune_and_eval_seconds": secs})
                 payload["wall_seconds"] = time.perf_counter() - started
-                _write_json(out / f"{args.name}.json", payload)
+                write_results(out / f"{args.name}.json", payload)
     for _ in bar_iter:
         pass
     if hasattr(bar, "close"):
@@ -453,7 +462,7 @@ def run_table1(args: argparse.Namespace, argv: Sequence[str] | None = None) -> d
     with contextlib.suppress(OSError):
         payload["environment"]["load_average_at_end"] = list(os.getloadavg())
     payload["where_we_lose"] = where_we_lose(payload)
-    _write_json(out / f"{args.name}.json", payload)
+    write_results(out / f"{args.name}.json", payload)
     md = render_table1_md(payload)
     (out / f"{args.name}.md").write_text(md)
     plot_table1(payload, out / f"{args.name}.png")
@@ -1006,11 +1015,11 @@ def run_speed(args: argparse.Namespace, argv: Sequence[str] | None = None) -> di
                           "speed", progress):
         payload["models"][name] = _speed_one(name, args, criteria, batches)
         payload["wall_seconds"] = time.perf_counter() - started
-        _write_json(out / f"{args.name}.json", payload)
+        write_results(out / f"{args.name}.json", payload)
     payload["wall_seconds"] = time.perf_counter() - started
     with contextlib.suppress(OSError):
         payload["environment"]["load_average_at_end"] = list(os.getloadavg())
-    _write_json(out / f"{args.name}.json", payload)
+    write_results(out / f"{args.name}.json", payload)
     (out / f"{args.name}.md").write_text(render_speed_md(payload))
     return payload
 
