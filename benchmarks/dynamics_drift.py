@@ -33,6 +33,7 @@ import json
 import math
 import multiprocessing as mp
 import platform
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -180,10 +181,58 @@ def track(model: torch.nn.Module, x_raw: torch.Tensor, y: torch.Tensor, kind: st
     return tr, accs
 
 
+def summarize(series: list[dict], methods: list[str], corruptions: list[str],
+              horizon: int) -> dict:
+    """Tables of a run: MAE per horizon over all series, MAE per corruption (all horizons) and
+    over the longer horizons (the second half), and the series each forecaster won."""
+    table = {m: [statistics.fmean(s["abs_errors"][m][h] for s in series) for h in range(horizon)]
+             for m in methods}
+    lines = ["| forecaster | " + " | ".join(f"h={h + 1}" for h in range(horizon)) + " | mean |",
+             "|---|" + "---|" * (horizon + 1)]
+    for m in methods:
+        row = table[m]
+        lines.append(f"| {m} | " + " | ".join(f"{v:.4f}" for v in row)
+                     + f" | {statistics.fmean(row):.4f} |")
+    long_from = horizon // 2
+    by_corruption = {m: {kind: statistics.fmean(e for s in series if s["corruption"] == kind
+                                                for e in s["abs_errors"][m])
+                         for kind in corruptions} for m in methods}
+    long_horizon = {m: statistics.fmean(e for s in series for e in s["abs_errors"][m][long_from:])
+                    for m in methods}
+    corr_lines = ["| forecaster | " + " | ".join(corruptions) + f" | all, h ≥ {long_from + 1} |",
+                  "|---|" + "---|" * (len(corruptions) + 1)]
+    for m in methods:
+        corr_lines.append(f"| {m} | " + " | ".join(f"{by_corruption[m][k]:.4f}"
+                                                   for k in corruptions)
+                          + f" | {long_horizon[m]:.4f} |")
+    wins = {m: sum(1 for s in series
+                   if sum(s["abs_errors"][m]) <= min(sum(s["abs_errors"][q]) for q in methods))
+            for m in methods}
+    return dict(mae_by_horizon=table, markdown="\n".join(lines), mae_by_corruption=by_corruption,
+                mae_long_horizon=long_horizon, markdown_by_corruption="\n".join(corr_lines),
+                series_won=wins)
+
+
+def render(path: Path) -> None:
+    """Print the tables of a saved run (``--render``)."""
+    result = json.loads(path.read_text())
+    cfg = result["config"]
+    methods = ["last value", "linear"] + [f"lindblad:{v}" for v in cfg["variants"]]
+    summary = summarize(result["series"], methods, cfg["corruptions"], cfg["horizon"])
+    print(f"{path}: MAE of forecast d_FS(ψ_t, ψ_0) vs horizon, {len(result['series'])} series")
+    print(summary["markdown"])
+    print("\nmean MAE per corruption (all horizons), and over all series at the longer horizons:")
+    print(summary["markdown_by_corruption"])
+    print("series won (lowest mean error): "
+          + ", ".join(f"{m} {c}" for m, c in summary["series_won"].items()))
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="JSON output path")
+    p.add_argument("--render", type=Path, default=None, metavar="JSON",
+                   help="print the tables of a saved run and exit")
     p.add_argument("--corruptions", nargs="+", default=["rotation", "noise", "classmix"],
                    choices=["rotation", "noise", "classmix"])
     p.add_argument("--layers", nargs="+", default=["features.4", "features.8"])
@@ -216,6 +265,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if args.render is not None:
+        render(args.render)
+        return {}
     for v in args.variants:
         try:
             parse_variant(v)
@@ -285,19 +337,8 @@ def main(argv: list[str] | None = None) -> dict:
               + " | fit s: " + ", ".join(f"{v['seconds']:.1f}" for v in entry["fits"].values()),
               flush=True)
 
-    # MAE per horizon over all series
-    table = {m: [sum(s["abs_errors"][m][h] for s in series) / len(series)
-                 for h in range(args.horizon)] for m in methods}
-    lines = ["| forecaster | " + " | ".join(f"h={h + 1}" for h in range(args.horizon))
-             + " | mean |",
-             "|---|" + "---|" * (args.horizon + 1)]
-    for m in methods:
-        row = table[m]
-        lines.append(f"| {m} | " + " | ".join(f"{v:.4f}" for v in row)
-                     + f" | {sum(row) / len(row):.4f} |")
-    wins = {m: sum(1 for s in series
-                   if sum(s["abs_errors"][m]) <= min(sum(s["abs_errors"][q]) for q in methods))
-            for m in methods}
+    summary = summarize(series, methods, args.corruptions, args.horizon)
+    wins = summary["series_won"]
 
     batch = corrupt(x_raw[:256], "noise", 0.0, args, torch.Generator())
     overhead = {}
@@ -314,13 +355,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"MAE of forecast d_FS(ψ_t, ψ_0) vs horizon (windows), mean over {len(series)} series "
           f"({len(args.corruptions)} corruptions × {len(args.layers)} layers × "
           f"{args.origins} origins):")
-    print("\n".join(lines))
+    print(summary["markdown"])
+    print("\nmean MAE per corruption (all horizons), and over all series at the longer horizons:")
+    print(summary["markdown_by_corruption"])
     print("series won (lowest mean error): " + ", ".join(f"{m} {c}" for m, c in wins.items()))
     print("tracker throughput ratio tracked/untracked (batch 256): "
           + ", ".join(f"{k} {v:.3f}" for k, v in overhead.items()))
     result = dict(
         config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        baseline=info, mae_by_horizon=table, markdown="\n".join(lines), series_won=wins,
+        baseline=info, **summary,
         overhead_ratio=overhead, drift=drift, series=series, seconds=time.perf_counter() - start,
         env=dict(torch=torch.__version__, python=sys.version.split()[0],
                  machine=platform.machine(), device=str(device),

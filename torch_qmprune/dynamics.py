@@ -846,15 +846,14 @@ class LindbladPredictor:
     H(t) = H_0 (``time_dependent=False``) or H_0 + t·H_1 (``"linear"``); or, with
     ``time_dependent="ramp"``, a dissipation that grows linearly in time,
     𝓛(t) = 𝓛[H_0; L_k] + t·D[M_k]: a second set of n_jump jump operators M_k whose rates grow
-    with t, as under a corruption whose severity ramps up (D[M](ρ) = Σ_k M_k ρ M_k† −
+    with t, as under a corruption whose severity ramps up (D[M] maps ρ to Σ_k M_k ρ M_k† −
     ½{M_k†M_k, ρ}; a sum of GKSL generators with non-negative weights is GKSL, so every 𝓛(t)
     with t ≥ 0 is a valid Lindbladian, and negative times are refused; :meth:`fit`'s default
-    times start at 0). ``"linear"``
-    alone cannot move a spectrum — a unitary keeps the eigenvalues — ``"ramp"`` can: e.g.
-    d_FS(ψ_t, ψ_0) of a state relaxing at a rate γ_1·t follows 1 − exp(−γ_1 t²/2), the slow
-    start and saturation of a ramped corruption, which no constant generator (a pure
-    exponential, fastest at t = 0) produces. H is complex Hermitian,
-    parameterized as S + iA (S real symmetric, A real antisymmetric); L_k are complex d × d.
+    times start at 0). ``"linear"`` alone cannot move a spectrum — a unitary keeps the
+    eigenvalues — ``"ramp"`` can: the share of a state relaxing at a rate γ_1·t that has relaxed
+    by time t is 1 − exp(−γ_1 t²/2), the slow start and the saturation of a ramped corruption,
+    which no constant generator (a pure exponential, fastest at t = 0) produces. H is complex
+    Hermitian, parameterized as S + iA (S real symmetric, A real antisymmetric); L_k are complex d × d.
     Everything runs in complex128. For real density matrices note that the −i[S, ρ] part makes
     ρ complex (still Hermitian); only H = iA (and real L_k) keeps a real ρ real —
     ``real=True`` restricts the model to that case. The real part of a Hermitian density matrix
