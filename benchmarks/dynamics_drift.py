@@ -32,9 +32,7 @@ import argparse
 import json
 import math
 import multiprocessing as mp
-import platform
 import statistics
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -42,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from torch_qmprune.bench import environment, write_results
 from torch_qmprune.data import _MEAN, _STD, load_fashion_mnist
 from torch_qmprune.dynamics import LindbladPredictor, SpectralTracker, tracker_overhead
 from torch_qmprune.zoo import get_baseline
@@ -280,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
+    env = environment(str(device))
 
     model, info = get_baseline("small_cnn")
     model = model.to(device).eval()
@@ -365,14 +365,10 @@ def main(argv: list[str] | None = None) -> dict:
         config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         baseline=info, **summary,
         overhead_ratio=overhead, drift=drift, series=series, seconds=time.perf_counter() - start,
-        env=dict(torch=torch.__version__, python=sys.version.split()[0],
-                 machine=platform.machine(), device=str(device),
-                 threads=torch.get_num_threads()),
+        env=env,
     )
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out}")
+        print(f"wrote {write_results(args.out, result)}")
     return result
 
 

@@ -19,18 +19,16 @@ Run: ``python benchmarks/lindblad_recovery.py --out docs/results/lindblad_recove
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import multiprocessing as mp
-import platform
 import statistics
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
+from torch_qmprune.bench import environment, write_results
 from torch_qmprune.dynamics import LindbladPredictor, _clip_density, spectral_state_of_density
 from torch_qmprune.spectral import fubini_study
 
@@ -114,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.fit + args.horizon > args.windows:
         p.error(f"--fit {args.fit} + --horizon {args.horizon} > --windows {args.windows}")
     start = time.perf_counter()
+    env = environment("cpu")
     pool = ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"))
     futures = [pool.submit(one, f, s, args) for f in FAMILIES for s in range(args.systems)]
     runs = [f.result() for f in futures]
@@ -138,13 +137,10 @@ def main(argv: list[str] | None = None) -> dict:
         config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         horizons=horizons, median=table, markdown="\n".join(lines), runs=runs,
         seconds=time.perf_counter() - start,
-        env=dict(torch=torch.__version__, python=sys.version.split()[0],
-                 machine=platform.machine()),
+        env=env,
     )
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out}")
+        print(f"wrote {write_results(args.out, result)}")
     return result
 
 
