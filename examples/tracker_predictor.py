@@ -5,8 +5,10 @@ A SmallCNN sees Fashion-MNIST test images with Gaussian noise that grows window 
 A ``SpectralTracker`` streams the Gram of one layer's outputs (no activation is stored) and
 reports, per window, the Fubini–Study distance d_FS(ψ_t, ψ_0) of the activation spectral state to
 the first window. A ``LindbladPredictor`` is fitted on the first windows and forecasts the
-distance of the later ones; ``forecast_channel_redundancy`` turns the forecast density matrix
-into per-channel redundancy scores (what predictive pruning ranks by).
+distance of the later ones — once with a constant generator and once with
+``time_dependent="ramp"``, whose dissipation rates grow with time as the noise does;
+``forecast_channel_redundancy`` turns the forecast density matrix into per-channel redundancy
+scores (what predictive pruning ranks by).
 
 Run: python examples/tracker_predictor.py
      python examples/tracker_predictor.py --quick            (seconds)
@@ -53,25 +55,30 @@ def main(argv: list[str] | None = None) -> dict:
 
     trajectory = tracker.trajectory(args.layer)  # (T, d, d) density matrices
     horizon = args.windows - args.fit
-    predictor = qmprune.LindbladPredictor(args.rank, objective="one_step", steps=args.steps,
-                                          polish_steps=args.steps // 4)
-    predictor.fit(trajectory[:args.fit])
-    forecast = predictor.forecast_distance(trajectory[:args.fit], horizon,
-                                           reference=trajectory[0]).tolist()
     actual = d_fs[args.fit:]
-    mae = sum(abs(f - a) for f, a in zip(forecast, actual)) / horizon
+    print("actual:          " + " ".join(f"{v:.4f}" for v in actual))
     last_value = sum(abs(d_fs[args.fit - 1] - a) for a in actual) / horizon
-    print("forecast: " + " ".join(f"{v:.4f}" for v in forecast))
-    print("actual:   " + " ".join(f"{v:.4f}" for v in actual))
-    print(f"MAE Lindblad {mae:.4f} vs 'last value' {last_value:.4f} (fit loss "
-          f"{predictor.fit_loss:.2e})")
+    maes = {}
+    for time_dependent in (False, "ramp"):
+        # dt=1: one exponential per window for the ramp's time-dependent generator
+        predictor = qmprune.LindbladPredictor(args.rank, time_dependent=time_dependent,
+                                              objective="one_step", steps=args.steps,
+                                              polish_steps=args.steps // 4, dt=1.0)
+        predictor.fit(trajectory[:args.fit])
+        forecast = predictor.forecast_distance(trajectory[:args.fit], horizon,
+                                               reference=trajectory[0]).tolist()
+        name = "ramp" if time_dependent else "constant"
+        maes[name] = sum(abs(f - a) for f, a in zip(forecast, actual)) / horizon
+        print(f"forecast {name:>8}: " + " ".join(f"{v:.4f}" for v in forecast))
+    print(f"MAE Lindblad constant {maes['constant']:.4f}, ramp {maes['ramp']:.4f} vs "
+          f"'last value' {last_value:.4f}")
 
     rho = forecast_density_matrix(trajectory[:args.fit], horizon, predictor=predictor)
     scores = qmprune.forecast_channel_redundancy(tracker, args.layer, 2, rank=args.rank,
                                                  steps=args.steps, objective="one_step")
     print(f"forecast ρ: trace {float(rho.trace()):.6f}; most redundant channels 2 windows "
           f"ahead: {scores.argsort()[:5].tolist()}")
-    return {"d_fs": d_fs, "forecast": forecast, "actual": actual, "mae": mae,
+    return {"d_fs": d_fs, "forecast": forecast, "actual": actual, "mae": maes,
             "mae_last_value": last_value, "rho_trace": float(rho.trace()),
             "redundancy": scores, "windows": len(d_fs)}
 
