@@ -667,14 +667,14 @@ def latency_allocation(
         mean = sum(w * m for w, m in zip(weights, macs_w)) / max(1e-300, sum(macs_w))
         rel = [((w / mean) if mean > 0 else 1.0) ** float(strength) for w in weights]
         index = {"params": 0, "macs": 1, "latency": 2}[target]
-        import torch_pruning as tp
-
-        base_macs, base_params = tp.utils.count_ops_and_params(model, example_inputs)
         if index == 2:  # estimated latency Σ κ_layer · MACs_layer (Eq. 9's costs, §5)
             base = sum(kappa[n] * e["macs"] for n, e in traced.items())
             if not base > 0:
                 raise ValueError("the model has no Conv/Linear MACs to estimate latency from")
-        else:
+        else:  # a whole-model count (the traced layers miss e.g. BatchNorm's parameters)
+            import torch_pruning as tp
+
+            base_macs, base_params = tp.utils.count_ops_and_params(model, example_inputs)
             base = int(base_params) if index == 0 else int(base_macs)
         goal = (1.0 - ratio) * base
 
