@@ -16,7 +16,8 @@ o+1..o+k:
   last W windows, ``@W``) in the rank-r reduced basis, evolved from ρ_o, lifted back, d_FS of the
   forecast spectral state to ρ_0 (variants: rollout or one-step objective; a constant generator,
   H(t) = H0 + t·H1 (``_linearH``) or a dissipation ramping up linearly in time, 𝓛(t) =
-  𝓛[H0; L] + t·D[M] (``_ramp``)). Note that d_FS of spectral states is blind to the unitary part
+  𝓛[H0; L] + t·D[M] (``_ramp``); with ``@W`` the time axis, and so the ramp's t = 0, starts at
+  the first window of the fit). Note that d_FS of spectral states is blind to the unitary part
   −i[H, ρ] (it only rotates the eigenbasis): only the dissipator moves the forecast spectrum,
   which is why the time dependence that matters is the ramp's.
 
@@ -116,9 +117,10 @@ def parse_variant(variant: str) -> tuple[str, str | bool, int | None]:
     window)."""
     name, _, window = variant.partition("@")
     mode: str | bool = False
-    for suffix, td in TIME_DEPENDENCE.items():
+    for suffix, td in TIME_DEPENDENCE.items():  # at most one suffix
         if name.endswith(suffix):
             name, mode = name.removesuffix(suffix), td
+            break
     if name not in ("rollout", "one_step") or (window and not window.isdigit()):
         raise argparse.ArgumentTypeError(f"bad variant {variant!r}")
     return name, mode, int(window) if window else None

@@ -4,12 +4,13 @@ recovers them (error table vs horizon)").
 
 Set-up: random d-level systems of each generator family the predictor offers — constant
 (``False``), H(t) = H_0 + t·H_1 (``"linear"``) and a ramping dissipator 𝓛[H_0; L] + t·D[M]
-(``"ramp"``) — with K = 2 jump operators, each simulated exactly (``integrator="expm"``) for
-``--windows`` windows of ``--step`` time units from a random full-rank ρ_0. A predictor of the same
+(``"ramp"``) — with K = 2 jump operators, each simulated with matrix exponentials for
+``--windows`` windows of ``--step`` time units from a random full-rank ρ_0 (exact for the
+constant family; the time-dependent ones take midpoint sub-steps of 0.05). A predictor of the same
 family, started from fresh random parameters, is fitted on the first ``--fit`` windows (optionally
-with Hermitian noise of std ``--noise`` added to every observed entry, then projected back to a
-density matrix) and forecasts the next ``--horizon`` windows from the last observed one. Reported
-per family and horizon: the Frobenius error ‖ρ̂ − ρ‖_F and the error of the forecast
+with Hermitian Gaussian noise of std ``--noise`` added to every observed entry, then projected
+back to a density matrix) and forecasts the next ``--horizon`` windows from the last observed
+one. Reported per family and horizon: the Frobenius error ‖ρ̂ − ρ‖_F and the error of the forecast
 d_FS(ψ_t, ψ_0), median over ``--systems`` systems, next to the same errors of the "last value"
 forecast (ρ̂ = ρ_o) for scale.
 
@@ -68,7 +69,8 @@ def one(family: str, seed: int, args: argparse.Namespace) -> dict:
     if args.noise > 0:
         g = torch.Generator().manual_seed(10_000 + seed)
         e = args.noise * torch.randn(observed.shape, dtype=C128, generator=g)
-        observed = torch.stack([_clip_density(r + (n + n.conj().T) / 2)
+        # (n + n†)/√2: every entry, diagonal or not, has standard deviation args.noise
+        observed = torch.stack([_clip_density(r + (n + n.conj().T) / math.sqrt(2))
                                 for r, n in zip(observed, e)])
     times = args.step * torch.arange(args.fit, dtype=torch.float64)
     t1 = time.perf_counter()
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = [f.result() for f in futures]
     pool.shutdown()
 
-    horizons = sorted({1, 2, 4, args.horizon})
+    horizons = sorted(h for h in {1, 2, 4, args.horizon} if h <= args.horizon)
     lines = ["| system | error | " + " | ".join(f"h={h}" for h in horizons) + " |",
              "|---|---|" + "---|" * len(horizons)]
     table: dict[str, dict[str, list[float]]] = {}

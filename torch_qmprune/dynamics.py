@@ -852,7 +852,8 @@ class LindbladPredictor:
     times start at 0). ``"linear"`` alone cannot move a spectrum — a unitary keeps the
     eigenvalues — ``"ramp"`` can: the share of a state relaxing at a rate γ_1·t that has relaxed
     by time t is 1 − exp(−γ_1 t²/2), the slow start and the saturation of a ramped corruption,
-    which no constant generator (a pure exponential, fastest at t = 0) produces. H is complex
+    which a single constant relaxation channel (a pure exponential, fastest at t = 0) cannot
+    produce. H is complex
     Hermitian, parameterized as S + iA (S real symmetric, A real antisymmetric); L_k are
     complex d × d.
     Everything runs in complex128. For real density matrices note that the −i[S, ρ] part makes
@@ -865,8 +866,9 @@ class LindbladPredictor:
     completely positive and trace preserving, so every prediction is a density matrix.
 
     Integration: ``integrator="expm"`` uses the exact propagator exp(Δt·𝓛) of the d² × d²
-    Liouvillian (:func:`liouvillian`) — for H(t) = H_0 + t·H_1 one exponential per sub-step of
-    length ≤ ``dt`` at the sub-step's midpoint (each factor is itself CPTP, so trace and
+    Liouvillian (:func:`liouvillian`) — for a time-dependent generator (``"linear"`` or
+    ``"ramp"``) one exponential per sub-step of length ≤ ``dt`` at the sub-step's midpoint (each
+    factor is itself CPTP — for the ramp because the midpoints are ≥ 0 — so trace and
     positivity hold exactly; second order in ``dt``); ``integrator="rk4"`` uses classical
     Runge–Kutta 4 with sub-steps ≤ ``dt`` (trace preserved exactly, positivity up to O(dt⁵)).
     d ≤ 16 keeps the superoperator small.
@@ -875,7 +877,8 @@ class LindbladPredictor:
     ``LindbladPredictor(8, time_dependent="ramp", objective="one_step", dt=1.0)`` fitted on the
     whole history beats "last value" and linear extrapolation of d_FS at horizons of 4–6 windows
     (held-out run: MAE 0.0047–0.0060 vs 0.0052–0.0080 for linear), and loses to linear
-    extrapolation one window ahead; the constant-generator defaults are the worst there.
+    extrapolation one window ahead; the class defaults (constant generator, ``"rollout"``) are
+    the worst there.
 
     Fitting (:meth:`fit`): Adam, then an L-BFGS polish, on the sum over observed windows of
     ‖ρ̂_t − ρ_t‖_F² (the best iterate is kept).
@@ -966,6 +969,9 @@ class LindbladPredictor:
             if not real:
                 self.params["h1_re"] = param(d, d, scale=0.0)
         if self.time_dependent == "ramp":
+            if n_jump < 1:
+                raise ValueError("time_dependent='ramp' needs n_jump >= 1 (the ramp's jump "
+                                 "operators M_k are n_jump too), got n_jump=0")
             self.params["m_re"] = param(n_jump, d, d)
             if not real:
                 self.params["m_im"] = param(n_jump, d, d)
@@ -1149,10 +1155,10 @@ class LindbladPredictor:
 
     def fit(self, trajectory: Tensor, times: Tensor | None = None, *,
             num_threads: int | None = 1) -> LindbladPredictor:
-        """Fit H (and H_1) and the L_k to an observed trajectory ``(T, D, D)`` of density
-        matrices at ``times`` (default 0, 1, …, T−1). D > ``dim``: reduced basis (see class
-        docstring). Returns ``self``; ``loss_history`` and ``fit_loss`` (sum of squared Frobenius
-        errors of the best iterate, in the reduced space) are kept.
+        """Fit H (and H_1, or the M_k for ``"ramp"``) and the L_k to an observed trajectory
+        ``(T, D, D)`` of density matrices at ``times`` (default 0, 1, …, T−1). D > ``dim``:
+        reduced basis (see class docstring). Returns ``self``; ``loss_history`` and ``fit_loss``
+        (sum of squared Frobenius errors of the best iterate, in the reduced space) are kept.
 
         ``num_threads``: intra-op threads while fitting (restored after). The d² × d² matrices
         are far too small for parallel kernels; on a loaded machine the default of 1 thread was
@@ -1259,8 +1265,10 @@ class LindbladPredictor:
     def predict(self, rho0: Tensor, horizon_steps: int, *, t0: float | None = None,
                 step: float | None = None) -> Tensor:
         """Evolve ``rho0`` (``(D, D)``) for ``horizon_steps`` steps of length ``step`` (default:
-        the fitted window spacing, 1 before fitting) starting at time ``t0`` (default 0; only
-        matters for a time-dependent generator; ``"ramp"`` needs t0 ≥ 0).
+        the fitted window spacing, 1 before fitting) starting at time ``t0`` (default: the time
+        of the last fitted window, 0 before fitting — a forecast that continues the fitted
+        trajectory; pass ``t0`` to evolve another window's state). Only a time-dependent
+        generator depends on ``t0``; ``"ramp"`` needs t0 ≥ 0.
 
         Returns:
             ``(horizon_steps, D, D)`` complex128: the states after 1, …, h steps. With a reduced
@@ -1270,7 +1278,9 @@ class LindbladPredictor:
                 or horizon_steps < 1:
             raise ValueError(f"horizon_steps must be an int >= 1, got {horizon_steps!r}")
         step = self.step if step is None else float(step)
-        t0 = 0.0 if t0 is None else float(t0)
+        if not (math.isfinite(step) and step > 0):
+            raise ValueError(f"step must be a finite number > 0, got {step!r}")
+        t0 = self.t_last if t0 is None else float(t0)
         if self.time_dependent == "ramp" and t0 < 0:
             raise ValueError(f"time_dependent='ramp' needs t0 >= 0, got {t0}")
         rho0 = _as_c128(rho0)
