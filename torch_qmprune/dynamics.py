@@ -853,9 +853,8 @@ class LindbladPredictor:
     eigenvalues — ``"ramp"`` can: the share of a state relaxing at a rate γ_1·t that has relaxed
     by time t is 1 − exp(−γ_1 t²/2), the slow start and the saturation of a ramped corruption,
     which a single constant relaxation channel (a pure exponential, fastest at t = 0) cannot
-    produce. H is complex
-    Hermitian, parameterized as S + iA (S real symmetric, A real antisymmetric); L_k are
-    complex d × d.
+    produce. H is complex Hermitian, parameterized as S + iA (S real symmetric, A real
+    antisymmetric); L_k are complex d × d.
     Everything runs in complex128. For real density matrices note that the −i[S, ρ] part makes
     ρ complex (still Hermitian); only H = iA (and real L_k) keeps a real ρ real —
     ``real=True`` restricts the model to that case. The real part of a Hermitian density matrix
