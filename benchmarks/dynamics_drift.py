@@ -214,18 +214,24 @@ def summarize(series: list[dict], methods: list[str], corruptions: list[str],
                 series_won=wins)
 
 
+def print_summary(title: str, summary: dict) -> None:
+    """Print the tables of :func:`summarize` under ``title``."""
+    print(title)
+    print(summary["markdown"])
+    print("\nmean MAE per corruption (all horizons), and over all series at the longer horizons:")
+    print(summary["markdown_by_corruption"])
+    print("series won (lowest mean error): "
+          + ", ".join(f"{m} {c}" for m, c in summary["series_won"].items()))
+
+
 def render(path: Path) -> None:
     """Print the tables of a saved run (``--render``)."""
     result = json.loads(path.read_text())
     cfg = result["config"]
     methods = ["last value", "linear"] + [f"lindblad:{v}" for v in cfg["variants"]]
     summary = summarize(result["series"], methods, cfg["corruptions"], cfg["horizon"])
-    print(f"{path}: MAE of forecast d_FS(ψ_t, ψ_0) vs horizon, {len(result['series'])} series")
-    print(summary["markdown"])
-    print("\nmean MAE per corruption (all horizons), and over all series at the longer horizons:")
-    print(summary["markdown_by_corruption"])
-    print("series won (lowest mean error): "
-          + ", ".join(f"{m} {c}" for m, c in summary["series_won"].items()))
+    print_summary(f"{path}: MAE of forecast d_FS(ψ_t, ψ_0) vs horizon, "
+                  f"{len(result['series'])} series", summary)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -340,7 +346,6 @@ def main(argv: list[str] | None = None) -> dict:
               flush=True)
 
     summary = summarize(series, methods, args.corruptions, args.horizon)
-    wins = summary["series_won"]
 
     batch = corrupt(x_raw[:256], "noise", 0.0, args, torch.Generator())
     overhead = {}
@@ -354,17 +359,13 @@ def main(argv: list[str] | None = None) -> dict:
             m, b, args.overhead_iters)
     model.to(device)
     print()
-    print(f"MAE of forecast d_FS(ψ_t, ψ_0) vs horizon (windows), mean over {len(series)} series "
-          f"({len(args.corruptions)} corruptions × {len(args.layers)} layers × "
-          f"{args.origins} origins):")
-    print(summary["markdown"])
-    print("\nmean MAE per corruption (all horizons), and over all series at the longer horizons:")
-    print(summary["markdown_by_corruption"])
-    print("series won (lowest mean error): " + ", ".join(f"{m} {c}" for m, c in wins.items()))
+    print_summary(f"MAE of forecast d_FS(ψ_t, ψ_0) vs horizon (windows), mean over {len(series)} "
+                  f"series ({len(args.corruptions)} corruptions × {len(args.layers)} layers × "
+                  f"{args.origins} origins):", summary)
     print("tracker throughput ratio tracked/untracked (batch 256): "
           + ", ".join(f"{k} {v:.3f}" for k, v in overhead.items()))
     result = dict(
-        config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        config=vars(args),  # write_results writes paths as text
         baseline=info, **summary,
         overhead_ratio=overhead, drift=drift, series=series, seconds=time.perf_counter() - start,
         env=env,

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.fit} windows, noise {args.noise}:")
     print("\n".join(lines))
     result = dict(
-        config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        config=vars(args),  # write_results writes paths as text
         horizons=horizons, median=table, markdown="\n".join(lines), runs=runs,
         seconds=time.perf_counter() - start,
         env=env,

@@ -280,14 +280,13 @@ def main(argv: list[str] | None = None) -> dict:
                                               s["pruned_overlap_with_current"].items())
               for k, s in summary.items()))
     result = dict(
-        config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        config=vars(args),  # write_results writes paths as text
         baseline=info, summary=summary, markdown="\n".join(lines), results=results,
         seconds=time.perf_counter() - start,
         env={**env, "threads": torch.get_num_threads()},
     )
     if args.out is not None:
-        write_results(args.out, result)
-        print(f"wrote {args.out}")
+        print(f"wrote {write_results(args.out, result)}")
     return result
 
 

@@ -265,14 +265,13 @@ def main(argv: list[str] | None = None) -> dict:
               + f" vs {res['untracked_seconds_per_window']:.2f}s of inference (CPU time)")
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     result = dict(
-        config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        config=vars(args),  # write_results writes paths as text
         shapes=shapes, seconds=time.perf_counter() - start,
         env={**env, "processor": env["cpu_model"], "threads": torch.get_num_threads(),
              "loadavg_end": load},
     )
     if args.out is not None:
-        write_results(args.out, result)
-        print(f"wrote {args.out}")
+        print(f"wrote {write_results(args.out, result)}")
     return result
 
 
